@@ -1,0 +1,268 @@
+"""Experiment TOML -> typed, validated objects. Every problem is collected and reported at once.
+
+An experiment names a plugin in five places (``[model] source``, ``[data] source``, ``[template] name``,
+``[method] name``, ``[trackers.<name>]``); the rest of each section is validated against that plugin's
+``Settings`` model, so a plugin brings and checks its own keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fx import manager
+from fx.errors import ConfigError, UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class Strict(BaseModel):
+    """A settings model: unknown keys are errors and values are not coerced across types."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ExperimentSettings(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    description: str = ""
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    output_dir: str = Field("runs", min_length=1, max_length=4096)
+
+
+class DataSettings(Strict):
+    source: str
+    format: Literal["auto", "messages", "text"] = "auto"
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    max_length: int = Field(1024, ge=16, le=131072)
+    max_rows: int | None = Field(None, ge=1, le=10**9)
+
+
+class EvaluateSettings(Strict):
+    enabled: bool = True
+    metric: Literal["none", "contains", "exact_match"] = "none"
+    max_examples: int = Field(32, ge=1, le=100_000)
+    max_new_tokens: int = Field(48, ge=1, le=4096)
+
+
+class GenerateSettings(Strict):
+    enabled: bool = True
+    prompts: list[str] = Field(default_factory=list, max_length=256)
+    count: int = Field(4, ge=0, le=256)
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+
+
+class StagesSettings(Strict):
+    evaluate: EvaluateSettings = EvaluateSettings()
+    generate: GenerateSettings = GenerateSettings()
+
+
+# section -> (the key naming the plugin, the registry kind)
+PLUGIN_SECTIONS = {
+    "model": ("source", "models"),
+    "data": ("source", "datasets"),
+    "template": ("name", "templates"),
+    "method": ("name", "methods"),
+}
+SECTIONS = ("experiment", "model", "data", "template", "method", "trackers", "stages")
+
+
+@dataclass(frozen=True)
+class Selected:
+    """A plugin-provided class chosen by an experiment, with its validated settings."""
+
+    name: str
+    cls: type
+    settings: BaseModel
+    plugin: str
+
+
+@dataclass
+class Experiment:
+    path: Path
+    experiment: ExperimentSettings
+    model: Selected
+    data: DataSettings
+    dataset: Selected
+    template: Selected
+    method: Selected
+    trackers: list[Selected]
+    stages: StagesSettings
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def base_dir(self) -> Path:
+        """Relative paths in the experiment (data files) are relative to the file's folder."""
+        return self.path.parent
+
+    def resolved(self) -> dict[str, Any]:
+        """The experiment with every default filled in, as TOML-ready data (no None values)."""
+        out: dict[str, Any] = {"experiment": self.experiment.model_dump()}
+        out["model"] = {"source": self.model.name, **self.model.settings.model_dump()}
+        out["data"] = {**self.data.model_dump(), **self.dataset.settings.model_dump()}
+        out["template"] = {"name": self.template.name, **self.template.settings.model_dump()}
+        out["method"] = {"name": self.method.name, **self.method.settings.model_dump()}
+        out["trackers"] = {t.name: t.settings.model_dump() for t in self.trackers}
+        out["stages"] = self.stages.model_dump()
+        return _drop_none(out)
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def did_you_mean(word: str, choices: list[str] | set[str]) -> str:
+    match = difflib.get_close_matches(str(word), sorted(choices), n=1, cutoff=0.6)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _fmt_value(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _validate(
+    model: type[BaseModel], data: Any, path: str, problems: list[str], known: set[str] | None = None
+) -> BaseModel | None:
+    """Validate ``data`` against ``model``; append one readable line per problem, prefixed by the key path."""
+    if not isinstance(data, dict):
+        problems.append(f"{path}: expected a table, got {_fmt_value(data)}")
+        return None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in (path, *err["loc"]) if p != "")
+            if err["type"] == "extra_forbidden":
+                names = known if known is not None else set(model.model_fields)
+                problems.append(f"{loc}: unknown key{did_you_mean(err['loc'][-1], names)}")
+            elif err["type"] == "missing":
+                problems.append(f"{loc}: required key is missing")
+            else:
+                problems.append(f"{loc}: {err['msg'].lower()} (got {_fmt_value(err.get('input'))})")
+        return None
+
+
+def _select(section: str, data: Any, problems: list[str], core: type[BaseModel] | None = None) -> tuple[Selected | None, BaseModel | None]:
+    """Validate a section that names a plugin: the naming key picks the class whose Settings check the rest."""
+    key, kind = PLUGIN_SECTIONS[section]
+    if not isinstance(data, dict):
+        problems.append(f"{section}: expected a table, got {_fmt_value(data)}")
+        return None, None
+    registry = manager.get()[kind]
+    core_fields = set(core.model_fields) if core else {key}
+    name = data.get(key)
+    core_part = {k: v for k, v in data.items() if k in core_fields}
+    plugin_part = {k: v for k, v in data.items() if k not in core_fields}
+    core_settings = _validate(core, core_part, section, problems) if core else None
+    if name is None:
+        problems.append(f"{section}.{key}: required key is missing (one of: {', '.join(registry.names())})")
+        return None, core_settings
+    if not isinstance(name, str) or name not in registry:
+        problems.append(
+            f"{section}.{key}: unknown {kind[:-1]} {_fmt_value(name)}{did_you_mean(name, registry.names())}"
+            f" (installed: {', '.join(registry.names())})"
+        )
+        return None, core_settings
+    entry = registry[name]
+    known = core_fields | set(entry.cls.Settings.model_fields)
+    settings = _validate(entry.cls.Settings, plugin_part, section, problems, known)
+    if settings is None:
+        return None, core_settings
+    return Selected(name, entry.cls, settings, entry.plugin), core_settings
+
+
+def _trackers(data: Any, problems: list[str]) -> list[Selected]:
+    if not isinstance(data, dict):
+        problems.append(f"trackers: expected a table of tracker names, got {_fmt_value(data)}")
+        return []
+    registry = manager.get()["trackers"]
+    chosen = []
+    for name, settings in data.items():
+        if name not in registry:
+            problems.append(
+                f"trackers.{name}: unknown tracker{did_you_mean(name, registry.names())} (installed: {', '.join(registry.names())})"
+            )
+            continue
+        entry = registry[name]
+        validated = _validate(entry.cls.Settings, settings, f"trackers.{name}", problems)
+        if validated is not None:
+            chosen.append(Selected(name, entry.cls, validated, entry.plugin))
+    return chosen
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: TOML syntax when it parses (``10``, ``true``, ``[1, 2]``, ``"x"``), else a plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b.c=value`` to the raw experiment data."""
+    key, sep, value = assignment.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise UserError(f"--set {assignment!r}: expected KEY.PATH=VALUE, e.g. --set method.max_steps=10")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {assignment!r}: {part!r} is not a table")
+        node = child
+    node[parts[-1]] = parse_value(value.strip())
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such experiment file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, not an experiment file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid TOML: {exc}") from None
+
+
+def from_dict(raw: dict[str, Any], path: Path) -> Experiment:
+    """Validate raw experiment data; raise ConfigError naming every problem with the file and key path."""
+    raw = copy.deepcopy(raw)
+    problems: list[str] = []
+    for key in raw:
+        if key not in SECTIONS:
+            problems.append(f"{key}: unknown section{did_you_mean(key, SECTIONS)}")
+    for key in ("experiment", "model", "data", "method"):
+        if key not in raw:
+            problems.append(f"{key}: required section is missing")
+    experiment = _validate(ExperimentSettings, raw.get("experiment", {}), "experiment", problems)
+    model, _ = _select("model", raw.get("model", {}), problems)
+    dataset, data = _select("data", raw.get("data", {}), problems, core=DataSettings)
+    template, _ = _select("template", raw.get("template", {"name": "native"}), problems)
+    method, _ = _select("method", raw.get("method", {}), problems)
+    trackers = _trackers(raw.get("trackers", {"console": {}, "jsonl": {}}), problems)
+    stages = _validate(StagesSettings, raw.get("stages", {}), "stages", problems)
+    if problems:
+        raise ConfigError([f"{path}: {p}" for p in problems])
+    return Experiment(path, experiment, model, data, dataset, template, method, trackers, stages, raw)
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Experiment:
+    path = Path(path)
+    raw = read_toml(path)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return from_dict(raw, path)

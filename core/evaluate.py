@@ -1,0 +1,100 @@
+"""Held-out measurements: loss and perplexity on answer tokens, generated answers, and a task metric."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from fx.data import Example, prompt_of
+from fx.templating import Template, encode_prompt
+
+
+def _batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def heldout_loss(model, rows: list[dict[str, list[int]]], pad_id: int, batch_size: int = 8) -> dict[str, float]:
+    """Mean cross-entropy over the held-out rows' answer tokens (token-weighted), and its perplexity."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    dev = next(p.device for p in model.parameters())
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in _batches(rows, batch_size):
+            width = max(len(r["input_ids"]) for r in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, r in enumerate(batch):
+                n = len(r["input_ids"])
+                ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
+            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(dev)
+            loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                                   ignore_index=-100, reduction="sum")
+            total += loss.item()
+            count += int((shift_labels != -100).sum())
+    mean = total / max(count, 1)
+    return {"loss": round(mean, 4), "perplexity": round(math.exp(min(mean, 50)), 3)}
+
+
+def generate(model, tokenizer, template: Template, conversations: list[list[dict]], max_new_tokens: int,
+             batch_size: int = 8) -> list[str]:
+    """Greedy answers to the last user turn of each conversation, prompted exactly as training rendered it."""
+    import torch
+
+    model.eval()
+    dev = next(p.device for p in model.parameters())
+    answers = []
+    stop = [t for t in {tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)} if t is not None]
+    stop = [x for t in stop for x in (t if isinstance(t, list) else [t])]
+    for batch in _batches(conversations, batch_size):
+        prompts = [encode_prompt(tokenizer, template.prompt(c)) for c in batch]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
+            ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
+        for row in out[:, width:]:
+            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return answers
+
+
+def _normal(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def score(metric: str, answers: list[str], examples: list[Example], references: list[str]) -> dict[str, Any]:
+    """``contains``: every string in the row's ``expect`` column is in the answer (case-insensitive); rows
+    without ``expect`` are not scored. ``exact_match``: the answer equals the reference, whitespace and case aside."""
+    hits = total = 0
+    for answer, example, reference in zip(answers, examples, references):
+        if metric == "contains":
+            expect = example.extra.get("expect")
+            if not expect:
+                continue
+            ok = all(_normal(e) in _normal(answer) for e in expect)
+        else:
+            ok = _normal(answer) == _normal(reference)
+        hits, total = hits + ok, total + 1
+    return {metric: round(hits / total, 4) if total else None, f"{metric}_hits": hits, f"{metric}_total": total}
+
+
+def evaluate(model, tokenizer, template, rows, examples: list[Example], settings) -> tuple[dict[str, Any], list[str]]:
+    """The held-out loss and, when a metric is set, the task metric on generated answers."""
+    result = heldout_loss(model, rows, tokenizer.pad_token_id)
+    answers: list[str] = []
+    if settings.metric != "none":
+        scored = [(e, pair) for e in examples[: settings.max_examples] if (pair := prompt_of(template, e)) is not None]
+        conversations = [conversation for _, (conversation, _) in scored]
+        answers = generate(model, tokenizer, template, conversations, settings.max_new_tokens)
+        references = [reference for _, (_, reference) in scored]
+        result.update(score(settings.metric, answers, [e for e, _ in scored], references))
+    return result, answers

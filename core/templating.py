@@ -1,0 +1,70 @@
+"""Prompt templates: one place renders a conversation for training and for generation.
+
+A template turns a conversation (``[{"role": ..., "content": ...}, ...]``) into text plus the character
+spans that carry loss (the assistant's answers). Generation uses the same rendering cut where the next answer
+begins, so training and inference cannot disagree about the prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fx.config import Strict
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class Rendered:
+    text: str
+    spans: tuple[tuple[int, int], ...]  # [start, end) character ranges that carry loss
+
+
+class Template:
+    """Base class of template plugins. Subclasses implement :meth:`render` and :meth:`prompt`."""
+
+    description = ""
+
+    class Settings(Strict):
+        system_prompt: str | None = None
+
+    def __init__(self, settings: Settings, tokenizer=None):
+        self.settings = settings
+        self.tokenizer = tokenizer
+
+    def with_system(self, messages: list[Message]) -> list[Message]:
+        """The conversation with the configured system prompt first, unless it already has one."""
+        if self.settings.system_prompt is not None and (not messages or messages[0]["role"] != "system"):
+            return [{"role": "system", "content": self.settings.system_prompt}, *messages]
+        return list(messages)
+
+    def render(self, messages: list[Message]) -> Rendered:
+        """The whole conversation, with every assistant answer (and its end-of-turn marker) as a loss span."""
+        raise NotImplementedError
+
+    def prompt(self, messages: list[Message]) -> str:
+        """The text a model continues to answer the last user turn of ``messages``."""
+        raise NotImplementedError
+
+    def parse_text(self, text: str) -> list[Message] | None:
+        """A pre-formatted training text split back into a conversation, or None when this template can't."""
+        return None
+
+
+def encode(tokenizer, rendered: Rendered, max_length: int) -> tuple[dict[str, list[int]], int]:
+    """Token ids and labels (-100 outside the loss spans) truncated to ``max_length``, and the untruncated length.
+
+    Tokens are assigned to a span by where they start, so a token that begins an answer with a space
+    belongs to the answer.
+    """
+    enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
+    ids = enc["input_ids"][:max_length]
+    labels = []
+    for token_id, (start, end) in zip(ids, enc["offset_mapping"]):
+        inside = any(s <= start < e for s, e in rendered.spans)
+        labels.append(token_id if inside else -100)
+    return {"input_ids": ids, "labels": labels}, len(enc["input_ids"])
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -1,0 +1,126 @@
+"""Model source ``random``: a named architecture initialised at random.
+
+Memory and speed depend on the architecture, not on the weights, so the reference case (Llama 2 7B) can be
+measured with no download. The weights are written once into the cache as safetensors and then loaded through
+the same ``from_pretrained`` path as a real model, quantisation included. The tokenizer is the bundled model's
+byte-level BPE cut to the architecture's vocabulary size, so real text can be trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+import fx
+from fx.sources import ModelSource, cache_dir
+
+# The published configurations (hidden, intermediate, layers, heads, kv heads, vocab, context, rope theta, tied).
+ARCHITECTURES = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rope_theta=10000.0,
+                      tie_word_embeddings=False),
+    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                       num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096, rope_theta=10000.0,
+                       tie_word_embeddings=False),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
+                         tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=2048, max_position_embeddings=2048, rope_theta=10000.0,
+                 tie_word_embeddings=False),
+}
+
+
+def llama_config(arch: str, **overrides):
+    from transformers import LlamaConfig
+
+    spec = dict(ARCHITECTURES[arch])
+    rope_theta = spec.pop("rope_theta")
+    return LlamaConfig(
+        **spec, rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, **overrides
+    )
+
+
+def cut_tokenizer(source: Path, out: Path, vocab_size: int) -> None:
+    """Write ``source``'s byte-level BPE tokenizer limited to ids below ``vocab_size`` into ``out``.
+
+    Merges are kept only when both parts and their result stay in the smaller vocabulary, so every text
+    still tokenizes (down to bytes at worst) and no id reaches past the embedding table.
+    """
+    from transformers import AutoTokenizer
+
+    data = json.loads((source / "tokenizer.json").read_text())
+    model = data["model"]
+    vocab = {tok: i for tok, i in model["vocab"].items() if i < vocab_size}
+    merges = []
+    for merge in model["merges"]:
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        if left in vocab and right in vocab and left + right in vocab:
+            merges.append(merge)
+    model["vocab"], model["merges"] = vocab, merges
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < vocab_size]
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(source)
+    tok.save_pretrained(tmp)
+    (tmp / "tokenizer.json").write_text(json.dumps(data))
+    AutoTokenizer.from_pretrained(tmp)  # proves the cut tokenizer loads before it is put in place
+    tmp.rename(out)
+
+
+class RandomModel(ModelSource):
+    description = "a named architecture with random weights: " + ", ".join(ARCHITECTURES)
+
+    class Settings(ModelSource.Settings):
+        architecture: Literal[tuple(ARCHITECTURES)] = "tiny"  # type: ignore[valid-type]
+        seed: int = Field(0, ge=0, le=2**32 - 1)
+        dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+
+    def config(self):
+        return llama_config(self.settings.architecture)
+
+    def path(self) -> str:
+        s = self.settings
+        folder = cache_dir() / "models" / f"random-{s.architecture}-seed{s.seed}-{s.dtype}"
+        if not (folder / "model.safetensors.index.json").is_file() and not (folder / "model.safetensors").is_file():
+            self._write(folder)
+        return str(folder)
+
+    def _write(self, folder: Path) -> None:
+        import torch
+        from transformers import LlamaForCausalLM
+
+        from fx.plugins.models.bundled import BundledModel
+
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tok_dir = folder.with_name(folder.name + ".tokenizer")
+        if not tok_dir.is_dir():
+            cut_tokenizer(Path(BundledModel(BundledModel.Settings()).path()), tok_dir, self.config().vocab_size)
+        dtype = getattr(torch, self.settings.dtype)
+        config = self.config()
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+        model = model.to_empty(device="cpu").to(dtype)
+        gen = torch.Generator().manual_seed(self.settings.seed)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "norm" in name:
+                    param.fill_(1.0)
+                else:
+                    param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32).mul_(0.02).to(dtype))
+        tmp = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        for f in tok_dir.iterdir():
+            shutil.copy(f, tmp / f.name)
+        tmp.rename(folder)
+
+
+@fx.hookimpl
+def fx_register_models(register):
+    register("random", RandomModel)

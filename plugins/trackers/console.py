@@ -1,0 +1,76 @@
+"""Tracker ``console``: a rich progress bar (step/total, loss, learning rate, tokens/s, ETA) and a closing table."""
+
+from __future__ import annotations
+
+import fx
+from fx.tracking import Tracker
+
+
+class ConsoleTracker(Tracker):
+    description = "a progress bar while training and a summary table at the end"
+
+    def start(self) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.progress = None
+        self.console.print(f"[bold]fx[/bold] run [cyan]{self.run.name}[/cyan] -> {self.run.dir}")
+
+    def stage_start(self, stage) -> None:
+        if stage == "train":
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(), console=self.console, transient=False,
+            )
+            self.task = self.progress.add_task("train", total=self.run.max_steps, info="")
+            self.progress.start()
+        else:
+            self.console.print(f"[dim]{stage} ...[/dim]")
+
+    def log(self, step, metrics) -> None:
+        if self.progress is None or "loss" not in metrics:
+            return
+        info = f"loss {metrics['loss']:.4f}"
+        if "learning_rate" in metrics:
+            info += f"  lr {metrics['learning_rate']:.2e}"
+        if "tokens_per_s" in metrics:
+            info += f"  {metrics['tokens_per_s']:.0f} tok/s"
+        self.progress.update(self.task, completed=step, total=self.run.max_steps, info=info)
+
+    def stage_end(self, stage, result) -> None:
+        if stage == "train" and self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        shown = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not k.endswith(("_hits", "_total"))}
+        if shown:
+            self.console.print(f"{stage}: " + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
+
+    def finish(self, summary, error) -> None:
+        from rich.table import Table
+
+        if self.progress is not None:
+            self.progress.stop()
+        table = Table(title=f"{self.run.name} ({summary.get('status')})")
+        table.add_column("measure")
+        table.add_column("before", justify="right")
+        table.add_column("after", justify="right")
+        before, after = summary.get("eval_before") or {}, summary.get("eval_after") or {}
+        for key in [k for k in {**before, **after} if not k.endswith(("_hits", "_total"))]:
+            table.add_row(f"held-out {key}", _fmt(before.get(key)), _fmt(after.get(key)))
+        for key in ("steps", "train_loss", "train_tokens_per_s", "wall_s", "peak_vram_gib", "peak_rss_gib"):
+            if summary.get(key) is not None:
+                table.add_row(key, "", _fmt(summary[key]))
+        self.console.print(table)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@fx.hookimpl
+def fx_register_trackers(register):
+    register("console", ConsoleTracker)

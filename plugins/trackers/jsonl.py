@@ -1,0 +1,39 @@
+"""Tracker ``jsonl``: every logged step and stage as one JSON line in ``metrics.jsonl``, flushed as it comes."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from pydantic import Field
+
+import fx
+from fx.tracking import Tracker
+
+
+class JsonlTracker(Tracker):
+    description = "metrics.jsonl in the run directory: one line per logged step"
+
+    class Settings(Tracker.Settings):
+        filename: str = Field("metrics.jsonl", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+    def start(self) -> None:
+        self.file = open(self.run.dir / self.settings.filename, "a", encoding="utf-8")
+
+    def _write(self, record: dict) -> None:
+        self.file.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+        self.file.flush()
+
+    def log(self, step, metrics) -> None:
+        self._write({"step": step, **metrics})
+
+    def stage_end(self, stage, result) -> None:
+        self._write({"stage": stage, **{k: v for k, v in result.items() if isinstance(v, (int, float, str, type(None)))}})
+
+    def finish(self, summary, error) -> None:
+        self.file.close()
+
+
+@fx.hookimpl
+def fx_register_trackers(register):
+    register("jsonl", JsonlTracker)
