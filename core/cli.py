@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import warnings
@@ -21,6 +22,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
+    # bitsandbytes says at import that an optional CPU kernel package is absent; its fallback is what runs.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import datasets
     import transformers
 
