@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from fx.errors import UserError
+from fx.errors import Interrupted, TrainingFailed, UserError
 
 
 def _quiet_libraries() -> None:
@@ -36,9 +36,16 @@ def _quiet_libraries() -> None:
 def cmd_run(args) -> int:
     from fx import config, manager, runner
 
-    exp = config.load(args.file, args.set)
+    if (args.file is None) == (args.resume is None):
+        raise UserError("give an experiment file, or --resume RUN_DIR (not both)")
+    if args.resume is not None:
+        if args.set:
+            raise UserError("--set can't change a run being resumed; start a new run instead")
+        exp = runner.load_run(args.resume)
+    else:
+        exp = config.load(args.file, args.set)
     _quiet_libraries()
-    folder = runner.execute(exp, manager.get())
+    folder = runner.execute(exp, manager.get(), resume=args.resume)
     print(f"run finished: {folder}")
     return 0
 
@@ -85,7 +92,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run an experiment file")
-    run.add_argument("file", type=Path)
+    run.add_argument("file", type=Path, nargs="?")
+    run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its last complete checkpoint")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a key, e.g. --set method.max_steps=10 (repeatable)")
     run.set_defaults(func=cmd_run)
@@ -107,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as exc:
         print(f"fx: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Interrupted as exc:
+        print(f"fx: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except TrainingFailed as exc:
+        print(f"fx: training failed: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("fx: interrupted", file=sys.stderr)

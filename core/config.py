@@ -65,6 +65,11 @@ class StagesSettings(Strict):
     generate: GenerateSettings = GenerateSettings()
 
 
+class CheckpointSettings(Strict):
+    every_steps: int = Field(50, ge=0, le=10**9)  # 0: only at the end
+    keep: int = Field(2, ge=1, le=1000)  # the newest K checkpoints are kept
+
+
 # section -> (the key naming the plugin, the registry kind)
 PLUGIN_SECTIONS = {
     "model": ("source", "models"),
@@ -72,7 +77,7 @@ PLUGIN_SECTIONS = {
     "template": ("name", "templates"),
     "method": ("name", "methods"),
 }
-SECTIONS = ("experiment", "model", "data", "template", "method", "trackers", "stages")
+SECTIONS = ("experiment", "model", "data", "template", "method", "trackers", "stages", "checkpoints")
 
 
 @dataclass(frozen=True)
@@ -96,12 +101,9 @@ class Experiment:
     method: Selected
     trackers: list[Selected]
     stages: StagesSettings
+    checkpoints: CheckpointSettings
+    base_dir: Path  # relative paths in the experiment (data files) are relative to this folder
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
-
-    @property
-    def base_dir(self) -> Path:
-        """Relative paths in the experiment (data files) are relative to the file's folder."""
-        return self.path.parent
 
     def resolved(self) -> dict[str, Any]:
         """The experiment with every default filled in, as TOML-ready data (no None values)."""
@@ -112,6 +114,7 @@ class Experiment:
         out["method"] = {"name": self.method.name, **self.method.settings.model_dump()}
         out["trackers"] = {t.name: t.settings.model_dump() for t in self.trackers}
         out["stages"] = self.stages.model_dump()
+        out["checkpoints"] = self.checkpoints.model_dump()
         return _drop_none(out)
 
 
@@ -238,8 +241,11 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: not valid TOML: {exc}") from None
 
 
-def from_dict(raw: dict[str, Any], path: Path) -> Experiment:
-    """Validate raw experiment data; raise ConfigError naming every problem with the file and key path."""
+def from_dict(raw: dict[str, Any], path: Path, base_dir: Path | None = None) -> Experiment:
+    """Validate raw experiment data; raise ConfigError naming every problem with the file and key path.
+
+    ``base_dir`` is where relative paths start (default: the file's folder; a run's saved config passes the
+    folder of the experiment file it was made from)."""
     raw = copy.deepcopy(raw)
     problems: list[str] = []
     for key in raw:
@@ -255,14 +261,16 @@ def from_dict(raw: dict[str, Any], path: Path) -> Experiment:
     method, _ = _select("method", raw.get("method", {}), problems)
     trackers = _trackers(raw.get("trackers", {"console": {}, "jsonl": {}}), problems)
     stages = _validate(StagesSettings, raw.get("stages", {}), "stages", problems)
+    checkpoints = _validate(CheckpointSettings, raw.get("checkpoints", {}), "checkpoints", problems)
     if problems:
         raise ConfigError([f"{path}: {p}" for p in problems])
-    return Experiment(path, experiment, model, data, dataset, template, method, trackers, stages, raw)
+    base = Path(base_dir) if base_dir is not None else path.resolve().parent
+    return Experiment(path, experiment, model, data, dataset, template, method, trackers, stages, checkpoints, base, raw)
 
 
-def load(path: str | Path, overrides: list[str] = ()) -> Experiment:
+def load(path: str | Path, overrides: list[str] = (), base_dir: Path | None = None) -> Experiment:
     path = Path(path)
     raw = read_toml(path)
     for assignment in overrides:
         apply_override(raw, assignment)
-    return from_dict(raw, path)
+    return from_dict(raw, path, base_dir)

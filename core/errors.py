@@ -19,3 +19,17 @@ class ConfigError(UserError):
 
 class PluginError(UserError):
     """A plugin that cannot be loaded or does not follow the hook specifications; names the plugin."""
+
+
+class Interrupted(Exception):
+    """A run stopped by SIGINT/SIGTERM after writing a checkpoint; the message says how to resume."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class TrainingFailed(Exception):
+    """Training broke (out of memory, say) after the run directory existed: exit code 1, what was written is kept."""
+
+    exit_code = 1

@@ -75,11 +75,18 @@ class Run:
         self.config = config
         self.plugins = plugins
         self.max_steps: int | None = None  # known once the method has planned its training
-        self.metrics: dict[str, Any] = {}
+        self.checkpoint_every: int = config.get("checkpoints", {}).get("every_steps", 0)
+        self.checkpoint_keep: int = config.get("checkpoints", {}).get("keep", 2)
+        self.resume_from: Path | None = None  # a checkpoint folder to continue from
+        self.resume_step: int | None = None  # the optimizer step that checkpoint holds
+        self.stop_signal: int | None = None  # set by SIGINT/SIGTERM: finish the step, checkpoint, stop
+        self.batch_tokens: int | None = None  # tokens in the batch being trained on (for OOM reports)
 
-    def write_setup(self) -> None:
+    def write_setup(self, origin: dict[str, Any]) -> None:
+        """``config.toml`` (resolved), ``env.json`` and ``run.json`` (where the experiment came from)."""
         write_atomic(self.dir / "config.toml", tomli_w.dumps(self.config))
         write_atomic(self.dir / "env.json", json.dumps(environment(), indent=2) + "\n")
+        write_atomic(self.dir / "run.json", json.dumps(origin, indent=2) + "\n")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.plugins.hook.fx_log(run=self, step=step, metrics=metrics)

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from fx import data as fx_data
 from fx.config import Experiment
-from fx.errors import UserError
+from fx.errors import Interrupted, TrainingFailed, UserError
 from fx.evaluate import evaluate, generate
 from fx.run import Run, new_run_dir, peak_rss_gib, write_atomic
 from fx.tracking import TrackerHub
@@ -74,80 +77,188 @@ def write_samples(path: Path, prompts: list[list[dict]], before: list[str], afte
     write_atomic(path, "\n".join(lines))
 
 
-def execute(exp: Experiment, plugins) -> Path:
-    """Run the experiment; return its directory."""
+def last_checkpoint(folder: Path) -> tuple[Path, int] | None:
+    """The newest complete checkpoint in a run: its ``trainer_state.json`` is written last and must parse."""
+    found = []
+    for ckpt in (folder / "checkpoints").glob("checkpoint-*"):
+        try:
+            state = json.loads((ckpt / "trainer_state.json").read_text())
+            found.append((int(state["global_step"]), ckpt))
+        except (OSError, ValueError, KeyError):
+            continue  # being written when the run died
+    if not found:
+        return None
+    step, ckpt = max(found)
+    return ckpt, step
+
+
+def load_run(folder: Path) -> Experiment:
+    """The experiment a run directory was made from (its resolved ``config.toml``)."""
+    from fx import config
+
+    if not (folder / "config.toml").is_file() or not (folder / "run.json").is_file():
+        raise UserError(f"{folder}: not an fx run directory (no config.toml/run.json)")
+    origin = json.loads((folder / "run.json").read_text())
+    return config.load(folder / "config.toml", base_dir=Path(origin["base_dir"]))
+
+
+class Summary(dict):
+    """``summary.json``, rewritten after every stage so that a killed run still says how far it got."""
+
+    def __init__(self, path: Path, **values):
+        super().__init__(**values)
+        self.path = path
+
+    def write(self) -> None:
+        write_atomic(self.path, json.dumps(self, indent=2) + "\n")
+
+
+def _measure_peaks(summary: Summary, wall_s: float) -> None:
+    import torch
+
+    summary["wall_s"] = round(wall_s, 1)
+    cuda = torch.cuda.is_available()
+    summary["peak_vram_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None
+    summary["peak_vram_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None
+    summary["peak_rss_gib"] = peak_rss_gib()
+
+
+@contextmanager
+def _stop_on_signals(run: Run):
+    """SIGINT/SIGTERM ask training to finish its step and checkpoint; a second one stops at once."""
+
+    def handler(signum, frame):
+        if run.stop_signal is not None:
+            raise KeyboardInterrupt
+        run.stop_signal = signum
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def execute(exp: Experiment, plugins, resume: Path | None = None) -> Path:
+    """Run the experiment (or continue the run in ``resume``); return the run directory."""
     import torch
 
     started = time.perf_counter()
     prep = prepare(exp)
-    folder = new_run_dir(Path(exp.experiment.output_dir), exp.experiment.name)
+    previous: dict[str, Any] = {}
+    if resume is None:
+        folder = new_run_dir(Path(exp.experiment.output_dir), exp.experiment.name)
+    else:
+        folder = resume
+        if (folder / "summary.json").is_file():
+            previous = json.loads((folder / "summary.json").read_text())
     run = Run(folder.name, folder, exp.resolved(), plugins)
-    run.write_setup()
-    trackers = {t.name: t.cls(t.settings, run) for t in exp.trackers}
-    hub = TrackerHub(trackers)
+    if resume is not None:
+        found = last_checkpoint(folder)
+        if found is not None:
+            run.resume_from, run.resume_step = found
+    run.write_setup({"experiment_file": str(exp.path.resolve()), "base_dir": str(exp.base_dir),
+                     "created": previous.get("created") or datetime.now().isoformat(timespec="seconds")})
+    hub = TrackerHub({t.name: t.cls(t.settings, run) for t in exp.trackers})
     plugins.pm.register(hub, name=f"fx.trackers.active.{folder.name}")
-    summary: dict[str, Any] = {
-        "name": run.name, "status": "running",
-        "model": f"{exp.model.name}", "method": exp.method.name, "template": exp.template.name,
-        "data": {"train_rows": len(prep.train.rows), "eval_rows": len(prep.held_out.rows),
-                 "truncated": prep.train.truncated + prep.held_out.truncated,
-                 "dropped": prep.train.dropped + prep.held_out.dropped},
-    }
+    summary = Summary(
+        folder / "summary.json", name=run.name, status="running", created=run_created(folder),
+        model=exp.model.name, method=exp.method.name, template=exp.template.name,
+        data={"train_rows": len(prep.train.rows), "eval_rows": len(prep.held_out.rows),
+              "truncated": prep.train.truncated + prep.held_out.truncated,
+              "dropped": prep.train.dropped + prep.held_out.dropped},
+    )
+    if run.resume_step is not None:
+        summary["resumed_from_step"] = run.resume_step
     error: BaseException | None = None
     try:
         plugins.hook.fx_run_start(run=run)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        method = exp.method.cls(exp.method.settings, run)
-        with run.stage("load") as result:
-            model = method.load(prep.source, prep.tokenizer)
-            result["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        evaluate_settings, generate_settings = exp.stages.evaluate, exp.stages.generate
-        prompts = sample_prompts(exp, prep) if generate_settings.enabled else []
-        before: list[str] = []
-        if evaluate_settings.enabled and prep.held_out.rows:
-            with run.stage("evaluate_before") as result:
-                result.update(evaluate(model, prep.tokenizer, prep.template, prep.held_out.rows, prep.held_out_examples, evaluate_settings)[0])
-            summary["eval_before"] = result
-            run.log(0, {f"eval_{k}": v for k, v in result.items() if isinstance(v, (int, float))})
-        if prompts:
-            with run.stage("generate_before"):
-                before = generate(model, prep.tokenizer, prep.template, prompts, generate_settings.max_new_tokens)
-        with run.stage("train") as result:
-            result.update(method.train(model, prep.tokenizer, prep.train.rows, prep.held_out.rows))
-        summary.update(result)
-        with run.stage("save") as result:
-            tmp = folder / "adapter.partial"
-            method.save(model, tmp)
-            tmp.rename(folder / "adapter")
-            result["adapter"] = str(folder / "adapter")
-        if evaluate_settings.enabled and prep.held_out.rows:
-            with run.stage("evaluate_after") as result:
-                result.update(evaluate(model, prep.tokenizer, prep.template, prep.held_out.rows, prep.held_out_examples, evaluate_settings)[0])
-            summary["eval_after"] = result
-            run.log(summary.get("steps", 0), {f"eval_{k}": v for k, v in result.items() if isinstance(v, (int, float))})
-        if prompts:
-            with run.stage("generate_after"):
-                after = generate(model, prep.tokenizer, prep.template, prompts, generate_settings.max_new_tokens)
-            write_samples(folder / "samples.md", prompts, before, after)
+        _stages(exp, prep, run, summary, previous)
         summary["status"] = "completed"
-    except KeyboardInterrupt as exc:
-        error, summary["status"] = exc, "interrupted"
-        raise
     except BaseException as exc:
-        error, summary["status"] = exc, "failed"
-        summary["error"] = f"{type(exc).__name__}: {exc}"
+        error = exc
+        if isinstance(exc, (KeyboardInterrupt, Interrupted)):
+            summary["status"] = "interrupted"
+        elif summary["status"] == "running":
+            summary["status"] = "failed"
+        if summary["status"] != "interrupted":
+            summary["error"] = f"{type(exc).__name__}: {exc}"[:2000]
         raise
     finally:
-        summary["wall_s"] = round(time.perf_counter() - started, 1)
-        summary["peak_vram_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3) if torch.cuda.is_available() else None
-        summary["peak_vram_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
-        summary["peak_rss_gib"] = peak_rss_gib()
-        write_atomic(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
-        plugins.hook.fx_run_end(run=run, summary=summary, error=error)
+        # wall time adds up across a run and its resumptions
+        _measure_peaks(summary, time.perf_counter() - started + previous.get("wall_s", 0))
+        summary.write()
+        plugins.hook.fx_run_end(run=run, summary=dict(summary), error=error)
         if hub.failed:
             summary["trackers_failed"] = hub.failed
-            write_atomic(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
+            summary.write()
         plugins.pm.unregister(hub)
         shutil.rmtree(folder / "adapter.partial", ignore_errors=True)
     return folder
+
+
+def run_created(folder: Path) -> str:
+    return json.loads((folder / "run.json").read_text())["created"]
+
+
+def _stages(exp: Experiment, prep: Prepared, run: Run, summary: Summary, previous: dict[str, Any]) -> None:
+    import torch
+
+    from transformers import set_seed
+
+    set_seed(exp.experiment.seed)  # adapters are initialised at random when the model loads
+    method = exp.method.cls(exp.method.settings, run)
+    with run.stage("load") as result:
+        model = method.load(prep.source, prep.tokenizer)
+        result["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    evaluating = exp.stages.evaluate.enabled and bool(prep.held_out.rows)
+    prompts = sample_prompts(exp, prep) if exp.stages.generate.enabled else []
+    if evaluating and "eval_before" in previous:
+        summary["eval_before"] = previous["eval_before"]  # measured before the run was interrupted
+    elif evaluating:
+        with run.stage("evaluate_before") as result:
+            result.update(evaluate(model, prep.tokenizer, prep.template, prep.held_out.rows, prep.held_out_examples, exp.stages.evaluate)[0])
+        summary["eval_before"] = result
+        summary.write()
+        run.log(0, {f"eval_{k}": v for k, v in result.items() if isinstance(v, (int, float))})
+    before: list[str] = []
+    if prompts:
+        with run.stage("generate_before"):
+            before = generate(model, prep.tokenizer, prep.template, prompts, exp.stages.generate.max_new_tokens)
+    with run.stage("train") as result, _stop_on_signals(run):
+        try:
+            result.update(method.train(model, prep.tokenizer, prep.train.rows, prep.held_out.rows))
+        except torch.OutOfMemoryError as exc:
+            summary["status"] = "out_of_memory"
+            raise TrainingFailed(
+                f"out of GPU memory at step {summary.get('steps', '?')} on a batch of {run.batch_tokens} tokens "
+                f"(peak {torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved). The last checkpoint is intact: "
+                f"lower method.micro_batch_size (raise gradient_accumulation_steps to keep the effective batch), "
+                f"turn on method.gradient_checkpointing or shorten data.max_length, then resume with: "
+                f"fx run --resume {run.dir}"
+            ) from exc
+    summary.update(result)
+    summary.write()
+    if run.stop_signal is not None:
+        name = signal.Signals(run.stop_signal).name
+        raise Interrupted(f"stopped by {name} after step {result.get('steps')}; checkpoint written. "
+                          f"Resume with: fx run --resume {run.dir}", run.stop_signal)
+    with run.stage("save") as result:
+        tmp = run.dir / "adapter.partial"
+        method.save(model, tmp)
+        shutil.rmtree(run.dir / "adapter", ignore_errors=True)
+        tmp.rename(run.dir / "adapter")
+        result["adapter"] = str(run.dir / "adapter")
+    if evaluating:
+        with run.stage("evaluate_after") as result:
+            result.update(evaluate(model, prep.tokenizer, prep.template, prep.held_out.rows, prep.held_out_examples, exp.stages.evaluate)[0])
+        summary["eval_after"] = result
+        summary.write()
+        run.log(summary.get("steps", 0), {f"eval_{k}": v for k, v in result.items() if isinstance(v, (int, float))})
+    if prompts:
+        with run.stage("generate_after"):
+            after = generate(model, prep.tokenizer, prep.template, prompts, exp.stages.generate.max_new_tokens)
+        write_samples(run.dir / "samples.md", prompts, before, after)

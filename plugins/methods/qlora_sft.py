@@ -103,7 +103,10 @@ class QLoraSFT(Method):
             gradient_checkpointing=False,  # set on the model in load(); the trainer must not change it
             logging_steps=s.logging_steps,
             logging_strategy="steps",
-            save_strategy="no",
+            save_strategy="steps" if self.run.checkpoint_every else "no",
+            save_steps=self.run.checkpoint_every or None,
+            save_total_limit=self.run.checkpoint_keep,
+            save_only_model=False,  # optimizer, scheduler and RNG states too: a resumed run continues exactly
             eval_strategy="no",
             report_to="none",
             disable_tqdm=True,
@@ -127,23 +130,44 @@ class QLoraSFT(Method):
             args=self.trainer_args(self.run.dir / "checkpoints", self.run.config["experiment"]["seed"]),
             train_dataset=datasets.Dataset.from_list(train_rows),
             processing_class=tokenizer,
-            callbacks=[log_callback(self.run)],
+            callbacks=[callback := log_callback(self.run)],
         )
         trainer.remove_callback(PrinterCallback)  # fx's trackers report progress
+        keep_adapter_float32(model)
+        collate = trainer.data_collator
+
+        def counting_collator(features):
+            batch = collate(features)
+            self.run.batch_tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
+            return batch
+
+        trainer.data_collator = counting_collator
         start = time.perf_counter()
-        output = trainer.train()
+        output = trainer.train(resume_from_checkpoint=str(self.run.resume_from) if self.run.resume_from else None)
         wall = time.perf_counter() - start
         tokens = trainer.state.num_input_tokens_seen
+        tokens_now = tokens - callback.tokens_at_start  # a resumed run counts only what it trained itself
         return {
             "steps": trainer.state.global_step,
             "train_loss": round(output.training_loss, 4),
             "train_tokens": int(tokens),
-            "train_tokens_per_s": round(tokens / wall, 1) if wall > 0 else None,
+            "train_tokens_per_s": round(tokens_now / wall, 1) if wall > 0 else None,
             "train_wall_s": round(wall, 1),
         }
 
     def save(self, model, folder: Path) -> None:
         model.save_pretrained(folder, safe_serialization=True)
+
+
+def keep_adapter_float32(model) -> None:
+    """Undo trl's cast of LoRA weights to bfloat16 on quantized models (SFTTrainer.__init__, trl 1.16).
+
+    fx keeps trainable weights in float32: fp16 mixed precision (T4) needs float32 master weights, and a CPU
+    without native bf16 computes bf16 many times slower. The optimizer is created later, in train().
+    """
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != _torch().float32:
+            param.data = param.data.float()
 
 
 def _torch():
@@ -159,10 +183,19 @@ def log_callback(run):
     class LogCallback(TrainerCallback):
         def __init__(self):
             self.last = (time.perf_counter(), 0)
+            self.tokens_at_start = 0
 
         def on_train_begin(self, args, state, control, **kwargs):
             run.max_steps = state.max_steps
+            self.tokens_at_start = state.num_input_tokens_seen
             self.last = (time.perf_counter(), state.num_input_tokens_seen)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_save = True  # the final checkpoint, whatever the interval
+            if run.stop_signal is not None:  # SIGINT/SIGTERM: checkpoint this step, then stop
+                control.should_save = True
+                control.should_training_stop = True
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = dict(logs or {})

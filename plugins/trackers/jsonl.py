@@ -18,7 +18,13 @@ class JsonlTracker(Tracker):
         filename: str = Field("metrics.jsonl", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
     def start(self) -> None:
-        self.file = open(self.run.dir / self.settings.filename, "a", encoding="utf-8")
+        path = self.run.dir / self.settings.filename
+        if self.run.resume_step is not None and path.is_file():
+            # steps after the checkpoint are trained again: drop their first records so each step appears once
+            kept = [line for line in path.read_text().splitlines(keepends=True)
+                    if line.strip() and json.loads(line).get("step", -1) <= self.run.resume_step]
+            path.write_text("".join(kept))
+        self.file = open(path, "a", encoding="utf-8")
 
     def _write(self, record: dict) -> None:
         self.file.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")

@@ -1,0 +1,99 @@
+"""Runs that survive: SIGKILL then --resume gives the uninterrupted result; SIGTERM checkpoints and says how to resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_EXPERIMENT, TINY_ROWS
+
+SETS = ["--set", "checkpoints.every_steps=4", "--set", "stages.generate.enabled=false"]
+
+
+def start(path: Path, *args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fx.cli", "run", *args, *([str(path)] if path else []), *SETS],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def fx(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fx.cli", *args], capture_output=True, text=True)
+
+
+def run_dir(out: Path) -> Path:
+    (folder,) = out.iterdir()
+    return folder
+
+
+def wait_for_step(folder_parent: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> Path:
+    """Wait until the run has logged ``step`` (and so has a checkpoint at or before it)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        for metrics in folder_parent.glob("*/metrics.jsonl"):
+            if any(json.loads(l).get("step") == step and "\"loss\"" in l for l in metrics.read_text().splitlines() if l.strip()):
+                return metrics.parent
+        time.sleep(0.1)
+    raise TimeoutError(f"step {step} never came")
+
+
+def train_steps(folder: Path) -> list[int]:
+    records = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in records if "step" in r and "loss" in r]
+
+
+@pytest.fixture
+def experiment(write_experiment):
+    return write_experiment(TINY_EXPERIMENT, TINY_ROWS)
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(experiment, tmp_path):
+    straight = start(experiment, "--set", f"experiment.output_dir={tmp_path / 'straight'}")
+    assert straight.wait(timeout=600) == 0, straight.communicate()
+
+    killed = start(experiment, "--set", f"experiment.output_dir={tmp_path / 'killed'}")
+    folder = wait_for_step(tmp_path / "killed", 6, killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (folder / "adapter").exists()
+
+    resumed = fx("run", "--resume", str(folder))
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["resumed_from_step"] in (4, 8)
+    assert train_steps(folder) == list(range(1, 13))  # each step exactly once
+
+    ours = load_file(folder / "adapter" / "adapter_model.safetensors")
+    theirs = load_file(run_dir(tmp_path / "straight") / "adapter" / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-5)
+
+
+def test_sigterm_writes_a_checkpoint_and_a_summary(experiment, tmp_path):
+    proc = start(experiment, "--set", f"experiment.output_dir={tmp_path / 'runs'}")
+    folder = wait_for_step(tmp_path / "runs", 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert f"Resume with: fx run --resume {folder}" in err and "Traceback" not in err
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and 2 <= summary["steps"] < 12
+    from fx.runner import last_checkpoint
+
+    checkpoint, step = last_checkpoint(folder)
+    assert step == summary["steps"]
+    assert (checkpoint / "optimizer.pt").is_file() and (checkpoint / "rng_state.pth").is_file()
+
+
+def test_resume_refuses_a_folder_that_is_not_a_run(tmp_path):
+    out = fx("run", "--resume", str(tmp_path))
+    assert out.returncode == 2 and "not an fx run directory" in out.stderr
