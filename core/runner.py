@@ -43,8 +43,12 @@ def prepare(exp: Experiment) -> Prepared:
     train_rows, eval_rows = dataset.load()
     if exp.data.max_rows:
         train_rows = train_rows.select(range(min(exp.data.max_rows, len(train_rows))))
-    train = fx_data.to_examples(train_rows, exp.data.format, "data (train)")
-    held = fx_data.to_examples(eval_rows, exp.data.format, "data (eval)") if eval_rows is not None else None
+    train = fx_data.to_examples(train_rows, exp.data.format, "data (train)", exp.data.columns)
+    held = fx_data.to_examples(eval_rows, exp.data.format, "data (eval)", exp.data.columns) if eval_rows is not None else None
+    if train[0].is_preference and not exp.method.cls.preference:
+        raise UserError(f"{exp.path}: the data are preference pairs (a prompt with chosen and rejected answers), "
+                        f"but method {exp.method.name!r} trains on one answer per row; choose a preference method "
+                        "or a dataset of answers")
     train, held = fx_data.split(train, held, exp.data.eval_fraction, exp.experiment.seed)
     source = exp.model.cls(exp.model.settings)
     tokenizer = source.tokenizer()
