@@ -16,6 +16,7 @@ from typing import Any
 
 from fx import data as fx_data
 from fx.config import Experiment
+from fx.datareport import length_histogram
 from fx.errors import UserError
 from fx.evaluate import evaluate, generate
 from fx.run import Run, new_run_dir, peak_rss_gib, write_atomic
@@ -35,7 +36,8 @@ class Prepared:
     train_examples: list[fx_data.Example]
 
 
-def prepare(exp: Experiment) -> Prepared:
+def load_examples(exp: Experiment) -> tuple[list[fx_data.Example], list[fx_data.Example]]:
+    """The experiment's rows as examples: the training split and the held-out split."""
     dataset = exp.dataset.cls(exp.dataset.settings, exp.base_dir)
     problems = dataset.check()
     if problems:
@@ -45,11 +47,15 @@ def prepare(exp: Experiment) -> Prepared:
         train_rows = train_rows.select(range(min(exp.data.max_rows, len(train_rows))))
     train = fx_data.to_examples(train_rows, exp.data.format, "data (train)", exp.data.columns)
     held = fx_data.to_examples(eval_rows, exp.data.format, "data (eval)", exp.data.columns) if eval_rows is not None else None
+    return fx_data.split(train, held, exp.data.eval_fraction, exp.experiment.seed)
+
+
+def prepare(exp: Experiment) -> Prepared:
+    train, held = load_examples(exp)
     if train[0].is_preference and not exp.method.cls.preference:
         raise UserError(f"{exp.path}: the data are preference pairs (a prompt with chosen and rejected answers), "
                         f"but method {exp.method.name!r} trains on one answer per row; choose a preference method "
                         "or a dataset of answers")
-    train, held = fx_data.split(train, held, exp.data.eval_fraction, exp.experiment.seed)
     source = exp.model.cls(exp.model.settings)
     tokenizer = source.tokenizer()
     template = exp.template.cls(exp.template.settings, tokenizer)
@@ -87,6 +93,8 @@ def execute(exp: Experiment, plugins) -> Path:
     folder = new_run_dir(Path(exp.experiment.output_dir), exp.experiment.name)
     run = Run(folder.name, folder, exp.resolved(), plugins)
     run.write_setup()
+    length_histogram(prep.train.lengths + prep.held_out.lengths, exp.data.max_length, folder / "lengths.png",
+                     f"{exp.experiment.name}: template {exp.template.name!r}")
     trackers = {t.name: t.cls(t.settings, run) for t in exp.trackers}
     hub = TrackerHub(trackers)
     plugins.pm.register(hub, name=f"fx.trackers.active.{folder.name}")

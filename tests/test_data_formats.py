@@ -140,6 +140,7 @@ def test_trains_through_each_format(fmt, write_experiment):
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 3 and summary["template"] == template
     assert summary["train_loss"] > 0
+    assert (folder / "lengths.png").read_bytes().startswith(b"\x89PNG")
     samples = (folder / "samples.md").read_text()
     assert all(f"{i}. {c[-1]['content']}" in samples for i, c in enumerate(runner.sample_prompts(exp, prep), 1))
 
