@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 
+import pytest
 from rich.console import Console
 
 from fx import config, datareport, runner
@@ -23,6 +24,13 @@ def test_fx_data_on_the_shipped_experiment(tmp_path, capsys, monkeypatch):
     assert "210 rendered rows: min" in out and "truncated at data.max_length = 256: 0 of 210 rows" in out
     assert png.read_bytes().startswith(b"\x89PNG")
     assert not list(tmp_path.glob("out/.*.tmp"))
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.toml")), ids=lambda p: p.name)
+def test_fx_data_on_every_shipped_experiment(path, tmp_path, capsys):
+    png = tmp_path / "lengths.png"
+    assert main(["data", str(path), "--examples", "1", "--png", str(png)]) == 0
+    assert "⟧" in capsys.readouterr().out and png.read_bytes().startswith(b"\x89PNG")
 
 
 def test_stats_match_what_training_sees(write_experiment, tmp_path, capsys):

@@ -132,6 +132,7 @@ def test_trains_through_each_format(fmt, write_experiment):
         conversation, answer = fx_data.prompt_of(prep.template, example)
         prompt = prep.template.prompt(conversation)
         assert rendered.text[: rendered.spans[-1][0]] == prompt  # identical up to the answer
+        assert "Answer with a number." in prompt  # the experiment's system prompt
         row, _ = encode(prep.tokenizer, rendered, 4096)
         first = next(i for i, label in enumerate(row["labels"]) if label != -100)
         assert encode_prompt(prep.tokenizer, prompt) == row["input_ids"][:first]

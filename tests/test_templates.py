@@ -204,3 +204,13 @@ def test_llama2_parses_preformatted_text():
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello! How can I help?"},
     ]
+
+
+def test_text_rows_the_template_cannot_parse_train_on_all_their_text():
+    from fx.data import Example, render
+
+    text = "Once upon a time there was a tokenizer."
+    assert render(make("raw"), Example(text=text)).spans == ((0, len(text)),)
+    llama_text = "<s>[INST] Hi [/INST] Hello! </s>"
+    rendered = render(make("llama2", system=None), Example(text=llama_text))
+    assert [rendered.text[a:b] for a, b in rendered.spans] == [" Hello! </s>"]
