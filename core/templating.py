@@ -46,6 +46,11 @@ class Template:
         """
         return getattr(self.tokenizer, "eos_token", None) or "</s>"
 
+    @property
+    def stop(self) -> str:
+        """The text that ends an answer: generation stops there and the answer is cut before it."""
+        return self.eos
+
     def with_system(self, messages: list[Message]) -> list[Message]:
         """The conversation with the configured system prompt first, unless it already has one."""
         if self.settings.system_prompt is not None and (not messages or messages[0]["role"] != "system"):

@@ -214,3 +214,55 @@ def test_text_rows_the_template_cannot_parse_train_on_all_their_text():
     llama_text = "<s>[INST] Hi [/INST] Hello! </s>"
     rendered = render(make("llama2", system=None), Example(text=llama_text))
     assert [rendered.text[a:b] for a, b in rendered.spans] == [" Hello! </s>"]
+
+
+class ScriptedModel:
+    """A stand-in for a causal LM whose greedy continuation is fixed, to see where answers are cut."""
+
+    def __init__(self, continuation: list[int]):
+        import torch
+        from transformers import GenerationConfig
+
+        self.continuation = continuation
+        self.generation_config = GenerationConfig()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.stop = None
+
+    def eval(self):
+        return self
+
+    def parameters(self):
+        return iter([self.weight])
+
+    def generate(self, input_ids, eos_token_id, **kwargs):
+        import torch
+
+        self.stop = eos_token_id
+        tail = torch.tensor([self.continuation] * input_ids.shape[0])
+        return torch.cat([input_ids, tail], dim=1)
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama2", "vicuna"])
+def test_generation_stops_at_the_templates_end_of_answer(name, bundled_tokenizer):
+    """Generation stops on the token that closed answers in training, and the answer is cut there even when
+    the model runs on (a tokenizer for which the marker is plain text)."""
+    from fx.evaluate import generate
+
+    template = make(name, bundled_tokenizer)
+    answer_end = template.render(CONVERSATION[:2]).text
+    marker = answer_end[answer_end.rindex("Hello! How can I help?") + len("Hello! How can I help?"):].strip()
+    continuation = bundled_tokenizer(f" 4{marker}<|im_start|>user\nmore", add_special_tokens=False)["input_ids"]
+    model = ScriptedModel(continuation)
+    [answer] = generate(model, bundled_tokenizer, template, [CONVERSATION[:3]], max_new_tokens=8)
+    assert answer == "4"
+    assert bundled_tokenizer.convert_tokens_to_ids(template.stop) in model.stop
+
+
+def test_chatml_cuts_answers_where_its_marker_is_plain_text(tiny_tokenizer):
+    from fx.evaluate import generate
+
+    template = make("chatml", tiny_tokenizer)
+    as_text = tiny_tokenizer("4<|im_end|>\nmore", add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert len(as_text) > 4  # the marker arrives as several plain-text tokens, as with a Llama tokenizer
+    [answer] = generate(ScriptedModel(as_text), tiny_tokenizer, template, [CONVERSATION[:3]], max_new_tokens=8)
+    assert answer == "4"

@@ -13,6 +13,7 @@ from fx.templating import Message, Rendered, Template, content, ends_with_user
 
 class ChatML(Template):
     description = "ChatML: <|im_start|>role\\n...<|im_end|>"
+    stop = "<|im_end|>"
 
     def _build(self, messages: list[Message], generation: bool) -> Rendered:
         system, turns = self.split_system(messages)
