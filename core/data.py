@@ -56,15 +56,15 @@ def _turns(value: Any, column: str, role: str, text: str, roles: dict[str, str])
     return out
 
 
-def _answered(messages: list[Message], column: str) -> list[Message]:
+def _answered(messages: list[Message]) -> list[Message]:
     if messages[-1]["role"] != "assistant":
-        raise ValueError(f"the last turn of {column!r} must be the assistant's answer")
+        raise ValueError("the last message must be the assistant's answer")
     return messages
 
 
 def _asking(messages: list[Message], column: str) -> list[Message]:
     if messages[-1]["role"] != "user":
-        raise ValueError(f"the last turn of {column!r} must be the user's (the answers are in chosen/rejected)")
+        raise ValueError(f"the last message of {column!r} must be the user's (the answers are in chosen/rejected)")
     return messages
 
 
@@ -84,13 +84,13 @@ def _rest(row: dict[str, Any], *used: str) -> dict[str, Any]:
 def _messages(row: dict[str, Any], n: Names) -> Example:
     column = n("messages")
     messages = _turns(row.get(column), column, n("role"), n("content"), {r: r for r in ROLES})
-    return Example(messages=_answered(messages, column), extra=_rest(row, column))
+    return Example(messages=_answered(messages), extra=_rest(row, column))
 
 
 def _sharegpt(row: dict[str, Any], n: Names) -> Example:
     column = n("conversations")
     messages = _turns(row.get(column), column, n("from"), n("value"), SHAREGPT_ROLES)
-    return Example(messages=_answered(messages, column), extra=_rest(row, column))
+    return Example(messages=_answered(messages), extra=_rest(row, column))
 
 
 def _alpaca(row: dict[str, Any], n: Names) -> Example:
