@@ -40,12 +40,11 @@ class LengthStats:
 
 def length_histogram(lengths: list[int], max_length: int, path: Path, title: str) -> Path:
     """Write a histogram of token lengths with ``max_length`` marked; written beside, then renamed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)  # Agg, without touching pyplot's global backend
     ax = fig.subplots()
     ax.hist(lengths, bins=min(40, max(lengths) - min(lengths) + 1), color="#4c72b0", edgecolor="white", linewidth=0.3)
     ax.axvline(max_length, color="#c44e52", linestyle="--", label=f"max_length = {max_length}")
@@ -119,7 +118,8 @@ def show(exp: Experiment, report: Report, console) -> None:
     kind = "preference pairs (each rendered with its chosen and its rejected answer)" if report.preference else "rows"
     console.print(f"{exp.path}: {report.train_rows} training and {report.held_out_rows} held-out {kind}; "
                   f"template {exp.template.name!r}, model {exp.model.name!r}")
-    console.print(f"Loss-bearing text is marked {OPEN}like this{CLOSE}.")
+    if report.examples:
+        console.print(f"Loss-bearing text is marked {OPEN}like this{CLOSE}.")
     for label, pieces, cut in report.examples:
         console.print(Rule(label + (f" — truncated at data.max_length = {exp.data.max_length}" if cut else "")))
         out = Text()
