@@ -266,3 +266,10 @@ def test_chatml_cuts_answers_where_its_marker_is_plain_text(tiny_tokenizer):
     assert len(as_text) > 4  # the marker arrives as several plain-text tokens, as with a Llama tokenizer
     [answer] = generate(ScriptedModel(as_text), tiny_tokenizer, template, [CONVERSATION[:3]], max_new_tokens=8)
     assert answer == "4"
+
+
+def test_chatml_matches_smollm2s_own_chatml_template(bundled_tokenizer):
+    """SmolLM2's chat template is ChatML: with a system prompt both render, and prompt, the same text."""
+    chatml, native = make("chatml", bundled_tokenizer), make("native", bundled_tokenizer)
+    assert chatml.render(CONVERSATION) == native.render(CONVERSATION)
+    assert chatml.prompt(CONVERSATION[:3]) == native.prompt(CONVERSATION[:3])
