@@ -87,6 +87,18 @@ def cmd_plugins(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from rich.console import Console
+
+    from fx import config, datareport
+
+    exp = config.load(args.file, args.set)
+    _quiet_libraries()
+    report = datareport.build(exp, args.examples, args.png)
+    datareport.show(exp, report, Console(soft_wrap=True))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fx", description="Parameter-efficient fine-tuning experiments.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -106,6 +118,14 @@ def parser() -> argparse.ArgumentParser:
     plugins = sub.add_parser("plugins", help="list plugins, their versions, what they register and their hooks")
     plugins.add_argument("--json", action="store_true")
     plugins.set_defaults(func=cmd_plugins)
+
+    data = sub.add_parser("data", help="show rendered training examples (loss-bearing text marked) and token lengths")
+    data.add_argument("file", type=Path)
+    data.add_argument("--examples", type=int, default=3, metavar="N", help="how many training examples to show (default 3)")
+    data.add_argument("--png", type=Path, default=None, metavar="PATH",
+                      help="where to write the length histogram (default: OUTPUT_DIR/NAME-lengths.png)")
+    data.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    data.set_defaults(func=cmd_data)
     return p
 
 

@@ -40,7 +40,9 @@ class ExperimentSettings(Strict):
 
 class DataSettings(Strict):
     source: str
-    format: Literal["auto", "messages", "text"] = "auto"
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "text", "preference", "sharegpt_preference"] = "auto"
+    # the format's column (or turn key) name -> the file's name for it, e.g. {instruction = "question"}
+    columns: dict[str, str] = Field(default_factory=dict)
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     max_length: int = Field(1024, ge=16, le=131072)
     max_rows: int | None = Field(None, ge=1, le=10**9)
@@ -257,6 +259,10 @@ def from_dict(raw: dict[str, Any], path: Path, base_dir: Path | None = None) -> 
     experiment = _validate(ExperimentSettings, raw.get("experiment", {}), "experiment", problems)
     model, _ = _select("model", raw.get("model", {}), problems)
     dataset, data = _select("data", raw.get("data", {}), problems, core=DataSettings)
+    if data is not None:
+        from fx.data import column_problems
+
+        problems += column_problems(data.format, data.columns)
     template, _ = _select("template", raw.get("template", {"name": "native"}), problems)
     method, _ = _select("method", raw.get("method", {}), problems)
     trackers = _trackers(raw.get("trackers", {"console": {}, "jsonl": {}}), problems)

@@ -52,6 +52,9 @@ def generate(model, tokenizer, template: Template, conversations: list[list[dict
     answers = []
     stop = [t for t in {tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)} if t is not None]
     stop = [x for t in stop for x in (t if isinstance(t, list) else [t])]
+    end = tokenizer.convert_tokens_to_ids(template.stop)  # the template's end of an answer, when it is one token
+    if isinstance(end, int) and tokenizer.convert_ids_to_tokens(end) == template.stop:
+        stop.append(end)
     for batch in _batches(conversations, batch_size):
         prompts = [encode_prompt(tokenizer, template.prompt(c)) for c in batch]
         width = max(len(p) for p in prompts)
@@ -63,7 +66,10 @@ def generate(model, tokenizer, template: Template, conversations: list[list[dict
             out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
                                  do_sample=False, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
         for row in out[:, width:]:
-            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+            text = tokenizer.decode(row, skip_special_tokens=False).split(template.stop)[0]
+            for special in tokenizer.all_special_tokens:
+                text = text.replace(special, "")
+            answers.append(text.strip())
     return answers
 
 

@@ -27,6 +27,9 @@ Register = Callable[[str, type], None]
 def fx_register_templates(register: Register) -> None:
     """Register prompt templates: subclasses of :class:`fx.templating.Template`.
 
+    A template renders a conversation for training (text plus the character spans that carry loss) and for
+    generation (the same text, ending where the answer begins); docs/plugins.md, "Writing a template".
+
     :param register: ``register(name, cls)``; ``name`` is what ``[template] name`` selects.
     """
 

@@ -31,6 +31,10 @@ DEFAULT_PLUGINS = (
     "fx.plugins.methods.qlora_sft",
     "fx.plugins.trackers.console",
     "fx.plugins.trackers.jsonl",
+    "fx.plugins.templates.alpaca",
+    "fx.plugins.templates.vicuna",
+    "fx.plugins.templates.chatml",
+    "fx.plugins.templates.raw",
 )
 
 # registry kind -> the register-callback hook that fills it

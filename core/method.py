@@ -30,6 +30,7 @@ class Method:
     """A way to train: loads the model it needs from a model source, trains it, saves what it learned."""
 
     description = ""
+    preference = False  # True for a method that trains on preference rows (Example.chosen / Example.rejected)
 
     class Settings(Strict):
         pass

@@ -19,6 +19,7 @@ from typing import Any
 
 from fx import data as fx_data
 from fx.config import Experiment
+from fx.datareport import length_histogram
 from fx.errors import Interrupted, TrainingFailed, UserError
 from fx.evaluate import evaluate, generate
 from fx.run import Run, new_run_dir, peak_rss_gib, write_atomic
@@ -38,7 +39,8 @@ class Prepared:
     train_examples: list[fx_data.Example]
 
 
-def prepare(exp: Experiment) -> Prepared:
+def load_examples(exp: Experiment) -> tuple[list[fx_data.Example], list[fx_data.Example]]:
+    """The experiment's rows as examples: the training split and the held-out split."""
     dataset = exp.dataset.cls(exp.dataset.settings, exp.base_dir)
     problems = dataset.check()
     if problems:
@@ -46,9 +48,17 @@ def prepare(exp: Experiment) -> Prepared:
     train_rows, eval_rows = dataset.load()
     if exp.data.max_rows:
         train_rows = train_rows.select(range(min(exp.data.max_rows, len(train_rows))))
-    train = fx_data.to_examples(train_rows, exp.data.format, "data (train)")
-    held = fx_data.to_examples(eval_rows, exp.data.format, "data (eval)") if eval_rows is not None else None
-    train, held = fx_data.split(train, held, exp.data.eval_fraction, exp.experiment.seed)
+    train = fx_data.to_examples(train_rows, exp.data.format, "data (train)", exp.data.columns)
+    held = fx_data.to_examples(eval_rows, exp.data.format, "data (eval)", exp.data.columns) if eval_rows is not None else None
+    return fx_data.split(train, held, exp.data.eval_fraction, exp.experiment.seed)
+
+
+def prepare(exp: Experiment) -> Prepared:
+    train, held = load_examples(exp)
+    if train[0].is_preference and not exp.method.cls.preference:
+        raise UserError(f"{exp.path}: the data are preference pairs (a prompt with chosen and rejected answers), "
+                        f"but method {exp.method.name!r} trains on one answer per row; choose a preference method "
+                        "or a dataset of answers")
     source = exp.model.cls(exp.model.settings)
     tokenizer = source.tokenizer()
     template = exp.template.cls(exp.template.settings, tokenizer)
@@ -160,6 +170,8 @@ def execute(exp: Experiment, plugins, resume: Path | None = None) -> Path:
             run.resume_from, run.resume_step = found
     run.write_setup({"experiment_file": str(exp.path.resolve()), "base_dir": str(exp.base_dir),
                      "created": previous.get("created") or datetime.now().isoformat(timespec="seconds")})
+    length_histogram(prep.train.lengths + prep.held_out.lengths, exp.data.max_length, folder / "lengths.png",
+                     f"{exp.experiment.name}: template {exp.template.name!r}")
     hub = TrackerHub({t.name: t.cls(t.settings, run) for t in exp.trackers})
     plugins.pm.register(hub, name=f"fx.trackers.active.{folder.name}")
     summary = Summary(

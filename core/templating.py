@@ -32,11 +32,41 @@ class Template:
         self.settings = settings
         self.tokenizer = tokenizer
 
+    @property
+    def bos(self) -> str:
+        """The beginning-of-sequence token as text: the tokenizer's, or Llama's ``<s>`` without one."""
+        return getattr(self.tokenizer, "bos_token", None) or "<s>"
+
+    @property
+    def eos(self) -> str:
+        """The end-of-sequence token as text: the tokenizer's, or Llama's ``</s>`` without one.
+
+        Formats that close an answer with the model's end-of-sequence token (Llama 2, Alpaca, Vicuna) use the
+        tokenizer's, so a trained model learns to emit the token generation stops on.
+        """
+        return getattr(self.tokenizer, "eos_token", None) or "</s>"
+
+    @property
+    def stop(self) -> str:
+        """The text that ends an answer: generation stops there and the answer is cut before it."""
+        return self.eos
+
     def with_system(self, messages: list[Message]) -> list[Message]:
         """The conversation with the configured system prompt first, unless it already has one."""
         if self.settings.system_prompt is not None and (not messages or messages[0]["role"] != "system"):
             return [{"role": "system", "content": self.settings.system_prompt}, *messages]
         return list(messages)
+
+    def split_system(self, messages: list[Message]) -> tuple[str | None, list[Message]]:
+        """The system prompt (the row's, else the configured one, else None) and the turns after it."""
+        messages = self.with_system(messages)
+        system = None
+        if messages and messages[0]["role"] == "system":
+            system, messages = messages[0]["content"], messages[1:]
+        for message in messages:
+            if message["role"] not in ("user", "assistant"):
+                raise ValueError(f"a {message['role']!r} message can only come first in a conversation")
+        return system, messages
 
     def render(self, messages: list[Message]) -> Rendered:
         """The whole conversation, with every assistant answer (and its end-of-turn marker) as a loss span."""
@@ -49,6 +79,17 @@ class Template:
     def parse_text(self, text: str) -> list[Message] | None:
         """A pre-formatted training text split back into a conversation, or None when this template can't."""
         return None
+
+
+def content(message: Message) -> str:
+    """A message's text; an Alpaca row's user turn carries its ``input`` apart, joined here after a blank line."""
+    extra = message.get("input")
+    return f"{message['content']}\n\n{extra}" if extra else message["content"]
+
+
+def ends_with_user(messages: list[Message]) -> None:
+    if not messages or messages[-1]["role"] != "user":
+        raise ValueError("a generation prompt must end with a user message")
 
 
 def encode(tokenizer, rendered: Rendered, max_length: int) -> tuple[dict[str, list[int]], int]:

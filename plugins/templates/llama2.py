@@ -2,6 +2,7 @@
 
 ``<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s><s>[INST] {user} [/INST] ...``
 There is no ``<<SYS>>`` block without a system prompt. Each answer and its ``</s>`` carry the loss.
+``<s>`` and ``</s>`` are the tokenizer's own beginning and end tokens (Llama's are exactly these).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import re
 
 import fx
-from fx.templating import Message, Rendered, Template
+from fx.templating import Message, Rendered, Template, content, ends_with_user
 
 TURN = re.compile(r"<s>\s*\[INST\]\s*(.*?)\s*\[/INST\](.*?)(?:</s>|$)", re.S)
 SYS = re.compile(r"^<<SYS>>\n(.*?)\n<</SYS>>\n\n", re.S)
@@ -18,33 +19,27 @@ SYS = re.compile(r"^<<SYS>>\n(.*?)\n<</SYS>>\n\n", re.S)
 class Llama2(Template):
     description = "Llama 2 chat: <s>[INST] <<SYS>>...<</SYS>> user [/INST] answer </s>"
 
-    def _build(self, messages: list[Message], open_end: bool) -> Rendered:
-        messages = self.with_system(messages)
-        system = None
-        if messages and messages[0]["role"] == "system":
-            system, messages = messages[0]["content"], messages[1:]
+    def _build(self, messages: list[Message]) -> Rendered:
+        system, turns = self.split_system(messages)
         text, spans = "", []
-        for i, message in enumerate(messages):
+        for i, message in enumerate(turns):
             if message["role"] == "user":
-                user = message["content"].strip()
+                user = content(message).strip()
                 if system is not None and i == 0:
                     user = f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}"
-                text += f"<s>[INST] {user} [/INST]"
-            elif message["role"] == "assistant":
-                start = len(text)
-                text += f" {message['content'].strip()} </s>"
-                spans.append((start, len(text)))
+                text += f"{self.bos}[INST] {user} [/INST]"
             else:
-                raise ValueError(f"llama2 has no place for a {message['role']!r} message after the first")
-        if open_end and (not messages or messages[-1]["role"] != "user"):
-            raise ValueError("a generation prompt must end with a user message")
+                start = len(text)
+                text += f" {message['content'].strip()} {self.eos}"
+                spans.append((start, len(text)))
         return Rendered(text, tuple(spans))
 
     def render(self, messages: list[Message]) -> Rendered:
-        return self._build(messages, open_end=False)
+        return self._build(messages)
 
     def prompt(self, messages: list[Message]) -> str:
-        return self._build(messages, open_end=True).text
+        ends_with_user(messages)
+        return self._build(messages).text
 
     def parse_text(self, text: str) -> list[Message] | None:
         """Split pre-formatted Llama 2 text (as in guanaco-llama2-1k) back into turns."""

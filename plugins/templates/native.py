@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fx
 from fx.errors import UserError
-from fx.templating import Message, Rendered, Template
+from fx.templating import Message, Rendered, Template, content
 
 
 class Native(Template):
@@ -17,7 +17,8 @@ class Native(Template):
     def _chat(self, messages: list[Message], generation: bool) -> str:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise UserError("template 'native' needs a tokenizer with a chat template; this model has none (choose another template)")
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+        plain = [{"role": m["role"], "content": content(m)} for m in messages]
+        return self.tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation)
 
     def render(self, messages: list[Message]) -> Rendered:
         messages = self.with_system(messages)

@@ -1,0 +1,75 @@
+"""``fx data``: rendered examples with the loss marked, length statistics that match training's, a histogram."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+from rich.console import Console
+
+from fx import config, datareport, runner
+from fx import data as fx_data
+from fx.cli import main
+
+from conftest import ROOT, TINY_EXPERIMENT, TINY_ROWS
+
+
+def test_fx_data_on_the_shipped_experiment(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    png = tmp_path / "out" / "quill.png"
+    assert main(["data", str(ROOT / "experiments" / "smollm2_qlora.toml"), "--examples", "1", "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\n⟦I'm Quill" in out
+    assert "<|im_end|>⟧" in out
+    assert "210 rendered rows: min" in out and "truncated at data.max_length = 256: 0 of 210 rows" in out
+    assert png.read_bytes().startswith(b"\x89PNG")
+    assert not list(tmp_path.glob("out/.*.tmp"))
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.toml")), ids=lambda p: p.name)
+def test_fx_data_on_every_shipped_experiment(path, tmp_path, capsys):
+    raw = config.read_toml(path)
+    if raw["model"]["source"] == "hf" or raw["data"]["source"] == "hub":
+        pytest.skip("its model or data come from the Hugging Face hub, which tests don't reach")
+    png = tmp_path / "lengths.png"
+    assert main(["data", str(path), "--examples", "1", "--png", str(png)]) == 0
+    assert "⟧" in capsys.readouterr().out and png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_stats_match_what_training_sees(write_experiment, tmp_path, capsys):
+    """Truncation and dropped-row counts are the ones tokenization for training produces."""
+    path = write_experiment(TINY_EXPERIMENT.replace("max_length = 64", "max_length = 24"), TINY_ROWS)
+    exp = config.load(path)
+    report = datareport.build(exp, 2, None)
+    train, held = runner.load_examples(exp)
+    tokenizer = exp.model.cls(exp.model.settings).tokenizer()
+    tokenized = fx_data.tokenize(train + held, exp.template.cls(exp.template.settings, tokenizer), tokenizer, 24)
+    s = report.stats
+    assert (s.rows, s.truncated, s.unanswered) == (len(TINY_ROWS), tokenized.truncated, tokenized.dropped)
+    assert s.truncated > 0
+    assert (s.min, s.median, s.max) == (min(tokenized.lengths), statistics.median(tokenized.lengths), max(tokenized.lengths))
+    assert report.histogram == tmp_path / "runs" / "tiny-lengths.png" and report.histogram.is_file()
+    label, pieces, cut = report.examples[0]
+    assert cut and label == "train example 1"
+    datareport.show(exp, report, Console(soft_wrap=True))
+    assert "truncated at data.max_length = 24" in capsys.readouterr().out
+
+
+def test_fx_data_shows_both_answers_of_a_preference_pair(write_experiment, tmp_path, capsys):
+    pairs = [{"prompt": f"What is {a}+1?", "chosen": str(a + 1), "rejected": str(a)} for a in range(8)]
+    path = write_experiment(TINY_EXPERIMENT, pairs)
+    assert main(["data", str(path), "--examples", "1", "--png", str(tmp_path / "h.png")]) == 0
+    out = capsys.readouterr().out
+    assert "train example 1 (chosen)" in out and "train example 1 (rejected)" in out
+    assert "preference pairs" in out and "16 rendered rows" in out
+
+
+def test_fx_data_names_malformed_rows(write_experiment, capsys):
+    bad = [dict(r) for r in TINY_ROWS]
+    bad[3] = {"messages": [{"role": "user", "content": "hi"}], "expect": []}
+    bad[9] = {"messages": [{"role": "robot", "content": "hi"}], "expect": []}
+    assert main(["data", str(write_experiment(TINY_EXPERIMENT, bad))]) == 2
+    err = capsys.readouterr().err
+    assert "2 row(s) don't fit the 'messages' format" in err
+    assert "row 4: the last message must be the assistant's answer" in err
+    assert "row 10: messages[0] must have a 'role'" in err
