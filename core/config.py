@@ -60,9 +60,19 @@ class GenerateSettings(Strict):
     max_new_tokens: int = Field(64, ge=1, le=4096)
 
 
+class MergeSettings(Strict):
+    """Merge the adapter into the base reloaded in 16 bits and save a plain transformers model in ``merged/``.
+    ``auto``: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU (fp16 matmuls there are
+    slow or unsupported)."""
+
+    enabled: bool = False
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+
+
 class StagesSettings(Strict):
     evaluate: EvaluateSettings = EvaluateSettings()
     generate: GenerateSettings = GenerateSettings()
+    merge: MergeSettings = MergeSettings()
 
 
 # section -> (the key naming the plugin, the registry kind)
@@ -97,11 +107,13 @@ class Experiment:
     trackers: list[Selected]
     stages: StagesSettings
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+    origin: Path | None = None  # the folder of the experiment file a run's config.toml was resolved from
 
     @property
     def base_dir(self) -> Path:
-        """Relative paths in the experiment (data files) are relative to the file's folder."""
-        return self.path.parent
+        """Relative paths in the experiment (data files) are relative to the file's folder (for a run's
+        config.toml, the folder of the experiment file it came from)."""
+        return self.origin or self.path.parent
 
     def resolved(self) -> dict[str, Any]:
         """The experiment with every default filled in, as TOML-ready data (no None values)."""
@@ -238,8 +250,9 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: not valid TOML: {exc}") from None
 
 
-def from_dict(raw: dict[str, Any], path: Path) -> Experiment:
-    """Validate raw experiment data; raise ConfigError naming every problem with the file and key path."""
+def from_dict(raw: dict[str, Any], path: Path, origin: Path | None = None) -> Experiment:
+    """Validate raw experiment data; raise ConfigError naming every problem with the file and key path.
+    ``origin`` is the folder relative paths are resolved from, when it is not ``path``'s own."""
     raw = copy.deepcopy(raw)
     problems: list[str] = []
     for key in raw:
@@ -257,7 +270,7 @@ def from_dict(raw: dict[str, Any], path: Path) -> Experiment:
     stages = _validate(StagesSettings, raw.get("stages", {}), "stages", problems)
     if problems:
         raise ConfigError([f"{path}: {p}" for p in problems])
-    return Experiment(path, experiment, model, data, dataset, template, method, trackers, stages, raw)
+    return Experiment(path, experiment, model, data, dataset, template, method, trackers, stages, raw, origin)
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> Experiment:

@@ -1,4 +1,4 @@
-"""``fx run``: experiment -> data -> model -> evaluate -> train -> save -> evaluate -> samples -> summary.
+"""``fx run``: experiment -> data -> model -> evaluate -> train -> save -> evaluate -> samples -> merge -> summary.
 
 Everything a user can get wrong (the file, the plugins, the data rows, the template) is checked before the
 run directory exists, so a refused run leaves nothing behind. Once training starts, a failure still leaves
@@ -18,6 +18,8 @@ from fx import data as fx_data
 from fx.config import Experiment
 from fx.errors import UserError
 from fx.evaluate import evaluate, generate
+from fx.inference import write_origin
+from fx.merge import merge
 from fx.run import Run, new_run_dir, peak_rss_gib, write_atomic
 from fx.tracking import TrackerHub
 
@@ -83,6 +85,7 @@ def execute(exp: Experiment, plugins) -> Path:
     folder = new_run_dir(Path(exp.experiment.output_dir), exp.experiment.name)
     run = Run(folder.name, folder, exp.resolved(), plugins)
     run.write_setup()
+    write_origin(folder, exp)
     trackers = {t.name: t.cls(t.settings, run) for t in exp.trackers}
     hub = TrackerHub(trackers)
     plugins.pm.register(hub, name=f"fx.trackers.active.{folder.name}")
@@ -130,6 +133,11 @@ def execute(exp: Experiment, plugins) -> Path:
             with run.stage("generate_after"):
                 after = generate(model, prep.tokenizer, prep.template, prompts, generate_settings.max_new_tokens)
             write_samples(folder / "samples.md", prompts, before, after)
+        if exp.stages.merge.enabled:
+            del model  # the 4-bit model leaves memory before the 16-bit base comes in
+            with run.stage("merge") as result:
+                result.update(merge(exp, folder, folder / "merged", exp.stages.merge.dtype))
+            summary["merge"] = result
         summary["status"] = "completed"
     except KeyboardInterrupt as exc:
         error, summary["status"] = exc, "interrupted"

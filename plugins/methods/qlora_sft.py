@@ -56,17 +56,21 @@ class QLoraSFT(Method):
             bnb_4bit_compute_dtype=compute_dtype(s.compute_dtype),
         )
 
+    def load_base(self, source):
+        """The base model quantised as this method trains on it, on the GPU when there is one."""
+        model = source.load(
+            quantization_config=self.quantization_config(),
+            dtype=compute_dtype(self.settings.compute_dtype),
+            device_map={"": 0} if device() == "cuda" else {"": "cpu"},
+        )
+        keep_4bit_layout(model)
+        return model
+
     def load(self, source, tokenizer):
         from peft import LoraConfig, get_peft_model
 
         s = self.settings
-        dtype = compute_dtype(s.compute_dtype)
-        model = source.load(
-            quantization_config=self.quantization_config(),
-            dtype=dtype,
-            device_map={"": 0} if device() == "cuda" else {"": "cpu"},
-        )
-        keep_4bit_layout(model)
+        model = self.load_base(source)
         model.config.use_cache = False
         if s.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -144,6 +148,11 @@ class QLoraSFT(Method):
 
     def save(self, model, folder: Path) -> None:
         model.save_pretrained(folder, safe_serialization=True)
+
+    def load_trained(self, source, folder: Path):
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(self.load_base(source), folder).eval()
 
 
 def _torch():
