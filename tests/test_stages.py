@@ -13,6 +13,7 @@ import torch
 
 import fx
 from fx import cli, config, inference, manager, runner
+from fx.plugins.methods.qlora_sft import QLoraSFT
 from fx.plugins.templates.llama2 import Llama2
 from fx.plugins.templates.native import Native
 
@@ -32,9 +33,13 @@ class StageObserver:
         self.ended[stage] = dict(result)
 
 
+PROBE = torch.tensor([[1, 40, 41, 42, 300, 301, 302, 7]])  # any ids; logits are compared on them
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """A finished tiny run with the merge stage on (float32), watched by a plugin that records the stages."""
+    """A finished tiny run with the merge stage on (float32), watched by a plugin that records the stages; the
+    trained model's logits on PROBE are taken as the run saves its adapter."""
     root = tmp_path_factory.mktemp("stages")
     (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS))
     (root / "exp.toml").write_text(TINY_EXPERIMENT.replace("{out}", str(root / "runs")))
@@ -43,7 +48,17 @@ def tiny_run(tmp_path_factory):
     plugins = manager.build()
     observer = StageObserver()
     plugins.pm.register(observer, name="observer")
-    folder = runner.execute(exp, plugins)
+    save = QLoraSFT.save
+
+    def save_and_probe(self, model, folder):
+        observer.trained_logits = logits(model.eval(), PROBE)
+        save(self, model, folder)
+
+    QLoraSFT.save = save_and_probe
+    try:
+        folder = runner.execute(exp, plugins)
+    finally:
+        QLoraSFT.save = save
     return folder, observer
 
 
@@ -83,6 +98,24 @@ def assert_equals_adapter_model(merged, reference, ids, dtype):
     assert (logits(merged, ids) - expected).abs().max().item() <= tolerance
     assert (base - expected).abs().max().item() > 10 * tolerance
     assert torch.equal(logits(merged, ids).argmax(-1), expected.argmax(-1))
+
+
+def test_saved_adapter_reloads_with_peft_and_reproduces_the_trained_logits(tiny_run):
+    """The adapter, put back with plain peft on the base quantised as the method trains on it, is the trained
+    model: exactly once its weights are in the dtype they were trained in (trl trains QLoRA adapters in bfloat16;
+    fx.inference restores it), and within bfloat16's precision with peft's float32 default."""
+    from peft import PeftModel
+
+    folder, observer = tiny_run
+    trained = observer.trained_logits
+    torch.testing.assert_close(logits(inference.load(folder).model, PROBE), trained, rtol=1e-5, atol=1e-5)
+    exp = inference.experiment(folder)
+    method = exp.method.cls(exp.method.settings, None)
+    reloaded = PeftModel.from_pretrained(method.load_base(exp.model.cls(exp.model.settings)), folder / "adapter").eval()
+    tolerance = 8 * torch.finfo(torch.bfloat16).eps * trained.abs().max().item()
+    assert (logits(reloaded, PROBE) - trained).abs().max().item() <= tolerance
+    with reloaded.disable_adapter():
+        assert (logits(reloaded, PROBE) - trained).abs().max().item() > 10 * tolerance
 
 
 def test_merge_stage_runs_last_and_is_announced(tiny_run):

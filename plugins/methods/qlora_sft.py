@@ -150,9 +150,18 @@ class QLoraSFT(Method):
         model.save_pretrained(folder, safe_serialization=True)
 
     def load_trained(self, source, folder: Path):
+        """peft loads adapter weights in float32; trl trains a quantised model's adapters in bfloat16 (its
+        QLoRA default), so they are put back in the dtype they were saved in, to compute as the trained model did."""
         from peft import PeftModel
+        from safetensors import safe_open
 
-        return PeftModel.from_pretrained(self.load_base(source), folder).eval()
+        model = PeftModel.from_pretrained(self.load_base(source), folder)
+        with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as saved:
+            dtype = saved.get_tensor(next(iter(saved.keys()))).dtype
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.to(dtype)
+        return model.eval()
 
 
 def _torch():
