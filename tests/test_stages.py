@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import re
 import shutil
 import sys
+import weakref
 
 import pytest
 import torch
@@ -48,17 +50,23 @@ def tiny_run(tmp_path_factory):
     plugins = manager.build()
     observer = StageObserver()
     plugins.pm.register(observer, name="observer")
-    save = QLoraSFT.save
+    save, merge = QLoraSFT.save, runner.merge
 
     def save_and_probe(self, model, folder):
         observer.trained_logits = logits(model.eval(), PROBE)
+        observer.trained_model = weakref.ref(model)
         save(self, model, folder)
 
-    QLoraSFT.save = save_and_probe
+    def merge_and_check(*args):
+        gc.collect()
+        observer.trained_model_alive_at_merge = observer.trained_model() is not None
+        return merge(*args)
+
+    QLoraSFT.save, runner.merge = save_and_probe, merge_and_check
     try:
         folder = runner.execute(exp, plugins)
     finally:
-        QLoraSFT.save = save
+        QLoraSFT.save, runner.merge = save, merge
     return folder, observer
 
 
@@ -122,6 +130,7 @@ def test_merge_stage_runs_last_and_is_announced(tiny_run):
     folder, observer = tiny_run
     assert observer.started == ["load", "evaluate_before", "generate_before", "train", "save", "evaluate_after",
                                 "generate_after", "merge"]
+    assert observer.trained_model_alive_at_merge is False  # the 4-bit model is freed before the 16-bit load
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert summary["merge"] == observer.ended["merge"]
@@ -268,3 +277,14 @@ def test_merge_dtype_is_checked(write_experiment):
     with pytest.raises(config.ConfigError, match=r"stages\.merge\.dtype"):
         config.load(path)
     assert config.load(write_experiment(TINY_EXPERIMENT, TINY_ROWS)).stages.merge.enabled is False
+
+
+def test_merge_without_a_chat_template_saves_none(tiny_run, tmp_path, monkeypatch):
+    """A template that can't write itself as Jinja leaves the merged tokenizer without one, never the tokenizer's
+    own (which the run did not train on)."""
+    from transformers import AutoTokenizer
+
+    folder, _ = tiny_run
+    monkeypatch.setattr(Llama2, "chat_template", lambda self: None)
+    assert cli.main(["merge", str(folder), "--out", str(tmp_path / "plain")]) == 0
+    assert AutoTokenizer.from_pretrained(tmp_path / "plain").chat_template is None
