@@ -1,4 +1,4 @@
-"""The ``fx`` command: run, validate, plugins.
+"""The ``fx`` command: run, validate, plugins; generate, chat, eval, merge and push for a finished run.
 
 A user's mistake ends with exit code 2 and a line or two saying what is wrong; no traceback.
 """
@@ -96,6 +96,64 @@ def cmd_data(args) -> int:
     _quiet_libraries()
     report = datareport.build(exp, args.examples, args.png)
     datareport.show(exp, report, Console(soft_wrap=True))
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def cmd_generate(args) -> int:
+    from fx import inference
+    from fx.evaluate import generate
+
+    exp = inference.experiment(args.run_dir)
+    _quiet_libraries()
+    loaded = inference.load(args.run_dir, exp)
+    max_new_tokens = args.max_new_tokens or exp.stages.generate.max_new_tokens
+    conversations = [[{"role": "user", "content": p}] for p in args.prompt]
+    for prompt, answer in zip(args.prompt, generate(loaded.model, loaded.tokenizer, loaded.template, conversations, max_new_tokens)):
+        if len(args.prompt) > 1:
+            print(f"> {prompt}")
+        print(answer)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from fx import inference
+    from fx.chat import chat
+
+    exp = inference.experiment(args.run_dir)
+    _quiet_libraries()
+    loaded = inference.load(args.run_dir, exp)
+    print(f"fx chat: {args.run_dir} (template {exp.template.name}); 'exit' or Ctrl-D ends", file=sys.stderr)
+    chat(loaded, args.max_new_tokens or exp.stages.generate.max_new_tokens)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from fx import inference
+
+    _quiet_libraries()
+    print(json.dumps(inference.evaluate_run(args.run_dir, args.data), indent=2))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from fx import inference
+    from fx.merge import merge
+
+    exp = inference.experiment(args.run_dir)
+    _quiet_libraries()
+    result = merge(exp, args.run_dir, args.out or args.run_dir / "merged", args.dtype)
+    print(f"merged ({result['dtype']}, {result['size_gib']} GiB): {result['path']}")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from fx.publish import push
+
+    print(f"pushed: {push(args.run_dir, args.repo)}")
     return 0
 
 
@@ -126,6 +184,33 @@ def parser() -> argparse.ArgumentParser:
                       help="where to write the length histogram (default: OUTPUT_DIR/NAME-lengths.png)")
     data.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     data.set_defaults(func=cmd_data)
+    gen = sub.add_parser("generate", help="answer prompts with a finished run's model, in its template")
+    gen.add_argument("run_dir", type=Path)
+    gen.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="a user turn (repeatable)")
+    gen.add_argument("--max-new-tokens", type=_positive, metavar="N", help="default: the run's [stages.generate]")
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="talk to a finished run's model; the conversation is kept, in its template")
+    chat.add_argument("run_dir", type=Path)
+    chat.add_argument("--max-new-tokens", type=_positive, metavar="N", help="per answer; default: the run's [stages.generate]")
+    chat.set_defaults(func=cmd_chat)
+
+    ev = sub.add_parser("eval", help="held-out loss, perplexity and task metric of a finished run")
+    ev.add_argument("run_dir", type=Path)
+    ev.add_argument("--data", type=Path, metavar="FILE", help="evaluate on every row of this file instead")
+    ev.set_defaults(func=cmd_eval)
+
+    mg = sub.add_parser("merge", help="merge a run's adapter into its base (16-bit) and save a plain transformers model")
+    mg.add_argument("run_dir", type=Path)
+    mg.add_argument("--out", type=Path, metavar="DIR", help="default: RUN_DIR/merged")
+    mg.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
+                    help="auto: bfloat16 (float16 on older GPUs); float32 on CPU, where fp16 matmuls are slow")
+    mg.set_defaults(func=cmd_merge)
+
+    push = sub.add_parser("push", help="publish a run's merged model (else its adapter) on the Hugging Face hub")
+    push.add_argument("run_dir", type=Path)
+    push.add_argument("--repo", required=True, metavar="NAME", help="hub repository, e.g. you/quill-135m")
+    push.set_defaults(func=cmd_push)
     return p
 
 

@@ -62,9 +62,19 @@ class GenerateSettings(Strict):
     max_new_tokens: int = Field(64, ge=1, le=4096)
 
 
+class MergeSettings(Strict):
+    """Merge the adapter into the base reloaded in 16 bits and save a plain transformers model in ``merged/``.
+    ``auto``: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU (fp16 matmuls there are
+    slow or unsupported)."""
+
+    enabled: bool = False
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+
+
 class StagesSettings(Strict):
     evaluate: EvaluateSettings = EvaluateSettings()
     generate: GenerateSettings = GenerateSettings()
+    merge: MergeSettings = MergeSettings()
 
 
 class CheckpointSettings(Strict):
@@ -106,6 +116,7 @@ class Experiment:
     checkpoints: CheckpointSettings
     base_dir: Path  # relative paths in the experiment (data files) are relative to this folder
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+    origin: Path | None = None  # the folder of the experiment file a run's config.toml was resolved from
 
     def resolved(self) -> dict[str, Any]:
         """The experiment with every default filled in, as TOML-ready data (no None values)."""

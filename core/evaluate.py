@@ -43,8 +43,9 @@ def heldout_loss(model, rows: list[dict[str, list[int]]], pad_id: int, batch_siz
 
 
 def generate(model, tokenizer, template: Template, conversations: list[list[dict]], max_new_tokens: int,
-             batch_size: int = 8) -> list[str]:
-    """Greedy answers to the last user turn of each conversation, prompted exactly as training rendered it."""
+             batch_size: int = 8, streamer=None) -> list[str]:
+    """Greedy answers to the last user turn of each conversation, prompted exactly as training rendered it.
+    A ``streamer`` (transformers' TextStreamer) receives the tokens as they come; it takes one conversation."""
     import torch
 
     model.eval()
@@ -64,7 +65,8 @@ def generate(model, tokenizer, template: Template, conversations: list[list[dict
             ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
         with torch.no_grad():
             out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
+                                 do_sample=False, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
+                                 streamer=streamer)
         for row in out[:, width:]:
             text = tokenizer.decode(row, skip_special_tokens=False).split(template.stop)[0]
             for special in tokenizer.all_special_tokens:

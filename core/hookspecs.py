@@ -73,7 +73,10 @@ def fx_log(run: Run, step: int, metrics: dict[str, float]) -> None:
 
 @hookspec
 def fx_stage_start(run: Run, stage: str) -> None:
-    """A stage begins: ``"evaluate_before"``, ``"train"``, ``"evaluate_after"``, ``"generate"``, ``"save"``."""
+    """A stage begins. In order: ``"load"``, ``"evaluate_before"``, ``"generate_before"``, ``"train"``, ``"save"``,
+    ``"evaluate_after"``, ``"generate_after"``, ``"merge"``; the evaluate, generate and merge stages run when
+    ``[stages.*]`` enables them (merge is off by default).
+    """
 
 
 @hookspec

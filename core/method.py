@@ -27,7 +27,10 @@ def compute_dtype(choice: str):
 
 
 class Method:
-    """A way to train: loads the model it needs from a model source, trains it, saves what it learned."""
+    """A way to train: loads the model it needs from a model source, trains it, saves what it learned.
+
+    ``run`` is None when the method is built to load a finished run (``fx eval``, ``fx generate``, ``fx chat``).
+    """
 
     description = ""
     preference = False  # True for a method that trains on preference rows (Example.chosen / Example.rejected)
@@ -49,6 +52,11 @@ class Method:
 
     def save(self, model, folder: Path) -> None:
         """Write what was learned (an adapter) so that it can be loaded without fx."""
+        raise NotImplementedError
+
+    def load_trained(self, source, folder: Path):
+        """The trained model for inference: the base as :meth:`load` prepares it, with what :meth:`save` wrote
+        into ``folder`` in place of fresh adapters; in eval mode."""
         raise NotImplementedError
 
 

@@ -1,4 +1,4 @@
-"""``fx run``: experiment -> data -> model -> evaluate -> train -> save -> evaluate -> samples -> summary.
+"""``fx run``: experiment -> data -> model -> evaluate -> train -> save -> evaluate -> samples -> merge -> summary.
 
 Everything a user can get wrong (the file, the plugins, the data rows, the template) is checked before the
 run directory exists, so a refused run leaves nothing behind. Once training starts, a failure still leaves
@@ -22,6 +22,7 @@ from fx.config import Experiment
 from fx.datareport import length_histogram
 from fx.errors import Interrupted, TrainingFailed, UserError
 from fx.evaluate import evaluate, generate
+from fx.merge import merge
 from fx.run import Run, new_run_dir, peak_rss_gib, write_atomic
 from fx.tracking import TrackerHub
 
@@ -274,3 +275,9 @@ def _stages(exp: Experiment, prep: Prepared, run: Run, summary: Summary, previou
         with run.stage("generate_after"):
             after = generate(model, prep.tokenizer, prep.template, prompts, exp.stages.generate.max_new_tokens)
         write_samples(run.dir / "samples.md", prompts, before, after)
+    if exp.stages.merge.enabled:
+        del model  # the 4-bit model leaves memory before the 16-bit base comes in
+        with run.stage("merge") as result:
+            result.update(merge(exp, run.dir, run.dir / "merged", exp.stages.merge.dtype))
+        summary["merge"] = result
+        summary.write()

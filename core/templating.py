@@ -7,6 +7,7 @@ begins, so training and inference cannot disagree about the prompt.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from fx.config import Strict
@@ -79,6 +80,21 @@ class Template:
     def parse_text(self, text: str) -> list[Message] | None:
         """A pre-formatted training text split back into a conversation, or None when this template can't."""
         return None
+
+    def chat_template(self) -> str | None:
+        """A Jinja chat template that renders conversations exactly as :meth:`render` and :meth:`prompt` do (the
+        configured system prompt included). It is saved with a merged model, so that plain transformers'
+        ``apply_chat_template`` prompts the model the way it was trained. None when this template has none."""
+        return None
+
+    def system_prelude(self) -> str:
+        """Jinja that puts the configured system prompt first unless the conversation has one (:meth:`with_system`)."""
+        if self.settings.system_prompt is None:
+            return ""
+        system = json.dumps(self.settings.system_prompt)  # a valid Jinja string literal
+        return ("{%- if not messages or messages[0]['role'] != 'system' %}"
+                f"{{%- set messages = [{{'role': 'system', 'content': {system}}}] + messages %}}"
+                "{%- endif %}")
 
 
 def content(message: Message) -> str:

@@ -83,7 +83,7 @@ def test_adapter_reloads_and_reproduces_logits(tiny_run):
     method = exp.method.cls(exp.method.settings, Run("t", folder, exp.resolved(), manager.get()))
     ids = torch.tensor([prep.held_out.rows[0]["input_ids"]])
 
-    base = prep.source.load(quantization_config=method.quantization_config(), dtype=torch.float32)
+    base = method.load_base(prep.source)  # 4-bit as in training, in the same weight layout (keep_4bit_layout)
     reloaded = PeftModel.from_pretrained(base, folder / "adapter").eval()
     with torch.no_grad():
         logits = reloaded(input_ids=ids).logits

@@ -56,17 +56,21 @@ class QLoraSFT(Method):
             bnb_4bit_compute_dtype=compute_dtype(s.compute_dtype),
         )
 
+    def load_base(self, source):
+        """The base model quantised as this method trains on it, on the GPU when there is one."""
+        model = source.load(
+            quantization_config=self.quantization_config(),
+            dtype=compute_dtype(self.settings.compute_dtype),
+            device_map={"": 0} if device() == "cuda" else {"": "cpu"},
+        )
+        keep_4bit_layout(model)
+        return model
+
     def load(self, source, tokenizer):
         from peft import LoraConfig, get_peft_model
 
         s = self.settings
-        dtype = compute_dtype(s.compute_dtype)
-        model = source.load(
-            quantization_config=self.quantization_config(),
-            dtype=dtype,
-            device_map={"": 0} if device() == "cuda" else {"": "cpu"},
-        )
-        keep_4bit_layout(model)
+        model = self.load_base(source)
         model.config.use_cache = False
         if s.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -157,6 +161,20 @@ class QLoraSFT(Method):
 
     def save(self, model, folder: Path) -> None:
         model.save_pretrained(folder, safe_serialization=True)
+
+    def load_trained(self, source, folder: Path):
+        """peft loads adapter weights in float32; trl trains a quantised model's adapters in bfloat16 (its
+        QLoRA default), so they are put back in the dtype they were saved in, to compute as the trained model did."""
+        from peft import PeftModel
+        from safetensors import safe_open
+
+        model = PeftModel.from_pretrained(self.load_base(source), folder)
+        with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as saved:
+            dtype = saved.get_tensor(next(iter(saved.keys()))).dtype
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.to(dtype)
+        return model.eval()
 
 
 def keep_adapter_float32(model) -> None:

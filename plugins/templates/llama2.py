@@ -15,6 +15,28 @@ from fx.templating import Message, Rendered, Template, content, ends_with_user
 TURN = re.compile(r"<s>\s*\[INST\]\s*(.*?)\s*\[/INST\](.*?)(?:</s>|$)", re.S)
 SYS = re.compile(r"^<<SYS>>\n(.*?)\n<</SYS>>\n\n", re.S)
 
+# The same rendering as Llama2._build, for tokenizers saved with a merged model.
+CHAT_TEMPLATE = """\
+{%- set system = none %}
+{%- if messages and messages[0]['role'] == 'system' %}
+{%- set system = messages[0]['content'] %}
+{%- set messages = messages[1:] %}
+{%- endif %}
+{%- for message in messages %}
+{%- if message['role'] == 'user' %}
+{%- set user = message['content'] | trim %}
+{%- if loop.first and system is not none %}
+{%- set user = '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + user %}
+{%- endif %}
+{{- '<s>[INST] ' + user + ' [/INST]' }}
+{%- elif message['role'] == 'assistant' %}
+{{- ' ' + (message['content'] | trim) + ' </s>' }}
+{%- else %}
+{{- raise_exception('llama2 has no place for a ' + message['role'] + ' message after the first') }}
+{%- endif %}
+{%- endfor %}
+"""
+
 
 class Llama2(Template):
     description = "Llama 2 chat: <s>[INST] <<SYS>>...<</SYS>> user [/INST] answer </s>"
@@ -40,6 +62,9 @@ class Llama2(Template):
     def prompt(self, messages: list[Message]) -> str:
         ends_with_user(messages)
         return self._build(messages).text
+
+    def chat_template(self) -> str:
+        return self.system_prelude() + CHAT_TEMPLATE
 
     def parse_text(self, text: str) -> list[Message] | None:
         """Split pre-formatted Llama 2 text (as in guanaco-llama2-1k) back into turns."""

@@ -39,6 +39,10 @@ class Native(Template):
     def prompt(self, messages: list[Message]) -> str:
         return self._chat(self.with_system(messages), generation=True)
 
+    def chat_template(self) -> str | None:
+        own = getattr(self.tokenizer, "chat_template", None)
+        return self.system_prelude() + own if isinstance(own, str) else None
+
 
 @fx.hookimpl
 def fx_register_templates(register):

@@ -1,0 +1,290 @@
+"""After training: the merge stage, and generate, chat, eval, merge and push on a finished run, on the tiny Llama."""
+
+from __future__ import annotations
+
+import gc
+import io
+import json
+import re
+import shutil
+import sys
+import weakref
+
+import pytest
+import torch
+
+import fx
+from fx import cli, config, inference, manager, runner
+from fx.plugins.methods.qlora_sft import QLoraSFT
+from fx.plugins.templates.llama2 import Llama2
+from fx.plugins.templates.native import Native
+
+from conftest import TINY_EXPERIMENT, TINY_ROWS
+
+
+class StageObserver:
+    def __init__(self):
+        self.started, self.ended = [], {}
+
+    @fx.hookimpl
+    def fx_stage_start(self, run, stage):
+        self.started.append(stage)
+
+    @fx.hookimpl
+    def fx_stage_end(self, run, stage, result):
+        self.ended[stage] = dict(result)
+
+
+PROBE = torch.tensor([[1, 40, 41, 42, 300, 301, 302, 7]])  # any ids; logits are compared on them
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished tiny run with the merge stage on (float32), watched by a plugin that records the stages; the
+    trained model's logits on PROBE are taken as the run saves its adapter."""
+    root = tmp_path_factory.mktemp("stages")
+    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS))
+    (root / "exp.toml").write_text(TINY_EXPERIMENT.replace("{out}", str(root / "runs")))
+    manager.get.cache_clear()
+    exp = config.load(root / "exp.toml", ["stages.merge.enabled=true", 'stages.merge.dtype="float32"'])
+    plugins = manager.build()
+    observer = StageObserver()
+    plugins.pm.register(observer, name="observer")
+    save, merge = QLoraSFT.save, runner.merge
+
+    def save_and_probe(self, model, folder):
+        observer.trained_logits = logits(model.eval(), PROBE)
+        observer.trained_model = weakref.ref(model)
+        save(self, model, folder)
+
+    def merge_and_check(*args):
+        gc.collect()
+        observer.trained_model_alive_at_merge = observer.trained_model() is not None
+        return merge(*args)
+
+    QLoraSFT.save, runner.merge = save_and_probe, merge_and_check
+    try:
+        folder = runner.execute(exp, plugins)
+    finally:
+        QLoraSFT.save, runner.merge = save, merge
+    return folder, observer
+
+
+@pytest.fixture
+def elsewhere(tmp_path, monkeypatch):
+    """Commands run from another folder than the experiment's: relative data paths must still resolve."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def adapter_model(folder, dtype):
+    """The run's adapter on its base loaded in ``dtype``, unmerged: what merging must reproduce."""
+    from peft import PeftModel
+
+    exp = inference.experiment(folder)
+    base = exp.model.cls(exp.model.settings).load(dtype=dtype)
+    return PeftModel.from_pretrained(base, folder / "adapter").eval()
+
+
+def held_out_ids(folder):
+    prep = runner.prepare(inference.experiment(folder))
+    return torch.tensor([prep.held_out.rows[0]["input_ids"]])
+
+
+def assert_equals_adapter_model(merged, reference, ids, dtype):
+    """The merged model's logits equal the unmerged adapter model's within a few units of ``dtype``'s precision at
+    the logits' scale, while the adapter itself moves them by far more than that."""
+    expected = logits(reference, ids)
+    with reference.disable_adapter():
+        base = logits(reference, ids)
+    tolerance = 8 * torch.finfo(dtype).eps * expected.abs().max().item()
+    assert (logits(merged, ids) - expected).abs().max().item() <= tolerance
+    assert (base - expected).abs().max().item() > 10 * tolerance
+    assert torch.equal(logits(merged, ids).argmax(-1), expected.argmax(-1))
+
+
+def test_saved_adapter_reloads_with_peft_and_reproduces_the_trained_logits(tiny_run):
+    """The adapter, put back with plain peft on the base quantised as the method trains on it, is the trained
+    model: exactly once its weights are in the dtype they were trained in (trl trains QLoRA adapters in bfloat16;
+    fx.inference restores it), and within bfloat16's precision with peft's float32 default."""
+    from peft import PeftModel
+
+    folder, observer = tiny_run
+    trained = observer.trained_logits
+    torch.testing.assert_close(logits(inference.load(folder).model, PROBE), trained, rtol=1e-5, atol=1e-5)
+    exp = inference.experiment(folder)
+    method = exp.method.cls(exp.method.settings, None)
+    reloaded = PeftModel.from_pretrained(method.load_base(exp.model.cls(exp.model.settings)), folder / "adapter").eval()
+    tolerance = 8 * torch.finfo(torch.bfloat16).eps * trained.abs().max().item()
+    assert (logits(reloaded, PROBE) - trained).abs().max().item() <= tolerance
+    with reloaded.disable_adapter():
+        assert (logits(reloaded, PROBE) - trained).abs().max().item() > 10 * tolerance
+
+
+def test_merge_stage_runs_last_and_is_announced(tiny_run):
+    folder, observer = tiny_run
+    assert observer.started == ["load", "evaluate_before", "generate_before", "train", "save", "evaluate_after",
+                                "generate_after", "merge"]
+    assert observer.trained_model_alive_at_merge is False  # the 4-bit model is freed before the 16-bit load
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["merge"] == observer.ended["merge"]
+    assert summary["merge"]["dtype"] == "float32" and summary["merge"]["path"] == str(folder / "merged")
+
+
+def test_merged_model_loads_with_plain_transformers_and_equals_the_adapter_model(tiny_run):
+    from transformers import AutoModelForCausalLM
+
+    folder, _ = tiny_run
+    merged_dir = folder / "merged"
+    saved = json.loads((merged_dir / "config.json").read_text())
+    assert "quantization_config" not in saved and "auto_map" not in saved
+    assert (merged_dir / "model.safetensors").is_file() and not (merged_dir / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    assert_equals_adapter_model(merged, adapter_model(folder, torch.float32), held_out_ids(folder), torch.float32)
+
+
+def test_fx_merge_bfloat16(tiny_run, tmp_path, elsewhere):
+    from transformers import AutoModelForCausalLM
+
+    folder, _ = tiny_run
+    out = tmp_path / "bf16"
+    assert cli.main(["merge", str(folder), "--out", str(out), "--dtype", "bfloat16"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert merged.dtype == torch.bfloat16
+    assert_equals_adapter_model(merged, adapter_model(folder, torch.bfloat16), held_out_ids(folder), torch.bfloat16)
+    assert not list(tmp_path.glob(".bf16.partial"))
+
+
+def test_merged_tokenizer_prompts_in_the_run_template(tiny_run):
+    from transformers import AutoTokenizer
+
+    folder, _ = tiny_run
+    exp = inference.experiment(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder / "merged")
+    template = exp.template.cls(exp.template.settings, tokenizer)
+    conversation = [{"role": "user", "content": "What is 1 plus 2?"}, {"role": "assistant", "content": "3"},
+                    {"role": "user", "content": "And 2 plus 2?"}]
+    prompt = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    assert prompt == template.prompt(conversation)
+    assert prompt.startswith("<s>[INST] <<SYS>>\nAnswer with a number.\n<</SYS>>\n\nWhat is 1 plus 2? [/INST] 3 </s>")
+
+
+@pytest.mark.parametrize("cls", [Llama2, Native])
+@pytest.mark.parametrize("system", [None, 'Be "brief".\nVery brief. ünï'])
+def test_chat_template_renders_like_the_template(cls, system, tiny_run):
+    """The Jinja a template writes for transformers renders conversations and prompts exactly as fx does."""
+    exp = inference.experiment(tiny_run[0])
+    tokenizer = exp.model.cls(exp.model.settings).tokenizer()
+    template = cls(cls.Settings(system_prompt=system), tokenizer)
+    chat = template.chat_template()
+    turns = [{"role": "user", "content": " Hi "}, {"role": "assistant", "content": "Hello."},
+             {"role": "user", "content": "Two?"}]
+    assert tokenizer.apply_chat_template(turns, chat_template=chat, tokenize=False, add_generation_prompt=True) \
+        == template.prompt(turns)
+    done = [*turns, {"role": "assistant", "content": "Two."}]
+    assert tokenizer.apply_chat_template(done, chat_template=chat, tokenize=False) == template.render(done).text
+
+
+def test_eval_reproduces_eval_after(tiny_run, elsewhere, capsys):
+    folder, _ = tiny_run
+    assert cli.main(["eval", str(folder)]) == 0
+    measured = json.loads(capsys.readouterr().out)["metrics"]
+    after = json.loads((folder / "summary.json").read_text())["eval_after"]
+    assert measured["loss"] == pytest.approx(after["loss"], abs=1e-3)
+    assert measured["contains_hits"] == after["contains_hits"] and measured["contains_total"] == after["contains_total"]
+
+
+def test_eval_on_another_file(tiny_run, elsewhere, capsys):
+    folder, _ = tiny_run
+    (elsewhere / "other.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS[:5]))
+    assert cli.main(["eval", str(folder), "--data", "other.jsonl"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["rows"] == 5 and result["metrics"]["contains_total"] == 5 and result["metrics"]["loss"] > 0
+
+
+def test_generate_gives_the_runs_own_answers(tiny_run, capsys):
+    """Greedy answers of the reloaded run equal the ones the run wrote into samples.md after training."""
+    folder, _ = tiny_run
+    samples = (folder / "samples.md").read_text()
+    prompts = re.findall(r"^## \d+\. (.*)$", samples, re.M)
+    answers = re.findall(r"\*\*After:\*\*\n\n(.*?)\n", samples)
+    assert len(prompts) == len(answers) == 2
+    args = ["generate", str(folder)] + [a for p in prompts for a in ("--prompt", p)]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [line for p, a in zip(prompts, answers) for line in (f"> {p}", a)]
+
+
+def test_chat_keeps_the_conversation_in_the_template(tiny_run, monkeypatch, capsys):
+    folder, _ = tiny_run
+    prompts = []
+    original = Llama2.prompt
+    monkeypatch.setattr(Llama2, "prompt", lambda self, messages: prompts.append(original(self, messages)) or prompts[-1])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is 1 plus 2?\nWhat is 3 plus 1?\n"))
+    assert cli.main(["chat", str(folder), "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    streamed = re.findall(r"assistant> (.*)\n", out)
+    assert len(prompts) == 2 and len(streamed) == 2
+    exp = inference.experiment(folder)
+    template = exp.template.cls(exp.template.settings)
+    first = [{"role": "user", "content": "What is 1 plus 2?"}, {"role": "assistant", "content": streamed[0].strip()}]
+    assert prompts[0] == template.prompt(first[:1])
+    assert prompts[1] == template.render(first).text + "<s>[INST] What is 3 plus 1? [/INST]"
+
+
+def test_not_a_run(tmp_path, capsys):
+    assert cli.main(["eval", str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_run_without_adapter(tiny_run, tmp_path, capsys):
+    folder, _ = tiny_run
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    shutil.copy(folder / "config.toml", failed)
+    (failed / "summary.json").write_text(json.dumps({"status": "failed"}))
+    for command in (["eval", str(failed)], ["chat", str(failed)], ["merge", str(failed)]):
+        assert cli.main(command) == 2
+        assert "saved no adapter (its status: failed)" in capsys.readouterr().err
+
+
+def test_merge_refuses_to_overwrite(tiny_run, capsys):
+    folder, _ = tiny_run
+    assert cli.main(["merge", str(folder)]) == 2
+    assert "merged already exists" in capsys.readouterr().err
+
+
+def test_push_without_an_account_says_so(tiny_run, tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    folder, _ = tiny_run
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "token"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "stored_tokens"))
+    assert cli.main(["push", str(folder), "--repo", "someone/tiny"]) == 2
+    assert "needs a Hugging Face account" in capsys.readouterr().err
+
+
+def test_merge_dtype_is_checked(write_experiment):
+    path = write_experiment(TINY_EXPERIMENT + '\n[stages.merge]\nenabled = true\ndtype = "float8"\n', TINY_ROWS)
+    with pytest.raises(config.ConfigError, match=r"stages\.merge\.dtype"):
+        config.load(path)
+    assert config.load(write_experiment(TINY_EXPERIMENT, TINY_ROWS)).stages.merge.enabled is False
+
+
+def test_merge_without_a_chat_template_saves_none(tiny_run, tmp_path, monkeypatch):
+    """A template that can't write itself as Jinja leaves the merged tokenizer without one, never the tokenizer's
+    own (which the run did not train on)."""
+    from transformers import AutoTokenizer
+
+    folder, _ = tiny_run
+    monkeypatch.setattr(Llama2, "chat_template", lambda self: None)
+    assert cli.main(["merge", str(folder), "--out", str(tmp_path / "plain")]) == 0
+    assert AutoTokenizer.from_pretrained(tmp_path / "plain").chat_template is None
