@@ -31,6 +31,9 @@ DEFAULT_PLUGINS = (
     "fx.plugins.methods.qlora_sft",
     "fx.plugins.trackers.console",
     "fx.plugins.trackers.jsonl",
+    "fx.plugins.trackers.csv",
+    "fx.plugins.trackers.tensorboard",
+    "fx.plugins.trackers.mlflow",
 )
 
 # registry kind -> the register-callback hook that fills it

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from fx import data as fx_data
 from fx.config import Experiment
 from fx.errors import UserError
 from fx.evaluate import evaluate, generate
+from fx.plots import write_loss_plot
 from fx.run import Run, new_run_dir, peak_rss_gib, write_atomic
 from fx.tracking import TrackerHub
 
@@ -87,7 +90,7 @@ def execute(exp: Experiment, plugins) -> Path:
     hub = TrackerHub(trackers)
     plugins.pm.register(hub, name=f"fx.trackers.active.{folder.name}")
     summary: dict[str, Any] = {
-        "name": run.name, "status": "running",
+        "name": run.name, "status": "running", "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": f"{exp.model.name}", "method": exp.method.name, "template": exp.template.name,
         "data": {"train_rows": len(prep.train.rows), "eval_rows": len(prep.held_out.rows),
                  "truncated": prep.train.truncated + prep.held_out.truncated,
@@ -143,6 +146,11 @@ def execute(exp: Experiment, plugins) -> Path:
         summary["peak_vram_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3) if torch.cuda.is_available() else None
         summary["peak_vram_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
         summary["peak_rss_gib"] = peak_rss_gib()
+        try:  # the plot is a view of the run; a plotting failure must not hide how the run itself ended
+            write_loss_plot(run.history, folder / "plots" / "loss.png", f"{run.name} ({summary['status']})")
+        except Exception as exc:
+            summary["plot_error"] = f"{type(exc).__name__}: {exc}"
+            print(f"fx: could not write plots/loss.png: {summary['plot_error']}", file=sys.stderr)
         write_atomic(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
         plugins.hook.fx_run_end(run=run, summary=summary, error=error)
         if hub.failed:
