@@ -23,7 +23,7 @@ from fx import cli, config, manager, runner
 from fx.plots import loss_series, write_loss_plot
 from fx.tracking import Tracker, TrackerHub
 
-from conftest import ROOT, TINY_EXPERIMENT, TINY_ROWS
+from conftest import ROOT, TINY_EXPERIMENT, TINY_ROWS, gpu
 
 STEPS = 5
 ALL_TRACKERS = """
@@ -333,3 +333,45 @@ def test_fx_runs_lists_sorts_and_compares(tracked, tmp_path, capsys, monkeypatch
     assert cli.main(["runs", str(out), "--compare", "nope", first.name]) == 2
     assert "nope: no such run" in capsys.readouterr().err
     assert cli.main(["runs", str(tmp_path / "missing")]) == 2
+
+
+@gpu
+def test_peak_vram_is_logged_every_step_and_shown_on_a_gpu(tmp_path):
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS))
+    (tmp_path / "exp.toml").write_text(experiment_text(tmp_path / "runs", "[trackers.console]\n[trackers.jsonl]\n", steps=3))
+    folder, stderr = run_experiment(tmp_path / "exp.toml", plugins_with())
+    vram = [m["peak_vram_gib"] for _, m in step_records(folder)]
+    assert len(vram) == 3 + 2 and all(v > 0 for v in vram)  # 3 training steps and 2 held-out evaluations
+    assert vram == sorted(vram)  # a peak never falls
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["peak_vram_gib"] >= vram[-1]
+    assert re.search(r"peak VRAM \d+\.\d\d GiB", stderr)
+
+
+def test_loss_plot_and_csv_are_written_when_training_fails(tmp_path):
+    from fx.plugins.methods.qlora_sft import QLoraSFT
+
+    class Crashing(QLoraSFT):
+        def train(self, model, tokenizer, train_rows, eval_rows):
+            self.run.log(1, {"loss": 3.0, "learning_rate": 1e-3})
+            self.run.log(2, {"loss": 2.5, "learning_rate": 1e-3})
+            raise RuntimeError("out of memory (on purpose)")
+
+    class CrashingPlugin:
+        @fx.hookimpl
+        def fx_register_methods(self, register):
+            register("crashing", Crashing)
+
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS))
+    text = experiment_text(tmp_path / "runs", "[trackers.csv]\n").replace('name = "qlora_sft"', 'name = "crashing"')
+    (tmp_path / "exp.toml").write_text(text.replace("[stages.evaluate]\n", "[stages.evaluate]\nenabled = false\n"))
+    with pytest.raises(RuntimeError, match="on purpose"):
+        run_experiment(tmp_path / "exp.toml", plugins_with((CrashingPlugin(), "crashing-method")))
+    (folder,) = (tmp_path / "runs").iterdir()
+    assert json.loads((folder / "summary.json").read_text())["status"] == "failed"
+    with open(folder / "metrics.csv", newline="") as fh:
+        assert [(r["step"], r["loss"]) for r in csv.DictReader(fh)] == [("1", "3.0"), ("2", "2.5")]
+    drawn = write_loss_plot([(1, {"loss": 3.0, "learning_rate": 1e-3}), (2, {"loss": 2.5, "learning_rate": 1e-3})],
+                            tmp_path / "again.png", f"{folder.name} (failed)")
+    assert drawn["train loss"] == ([1, 2], [3.0, 2.5])
+    assert (folder / "plots" / "loss.png").read_bytes() == (tmp_path / "again.png").read_bytes()
