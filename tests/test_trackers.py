@@ -165,6 +165,12 @@ def test_mlflow_run_holds_params_metrics_by_step_and_artifacts(tracked, tmp_path
         assert (Path(local) / name).read_bytes() == (tracked.folder / "adapter" / name).read_bytes()
 
 
+def test_jsonl_ends_with_the_summary(tracked):
+    last = read_jsonl(tracked.folder)[-1]
+    summary = {k: v for k, v in tracked.summary.items() if k != "trackers_failed"}  # added after the trackers finish
+    assert last["summary"] == summary
+
+
 def test_csv_holds_every_logged_step_eval_and_the_summary(tracked):
     with open(tracked.folder / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
