@@ -290,13 +290,14 @@ def test_mlflow_tracker_logs_to_a_given_tracking_uri(tmp_path):
     run = types.SimpleNamespace(name="r1", dir=tmp_path / "runs" / "r1",
                                 config={"experiment": {"name": "given"}, "model": {"source": "random"},
                                         "method": {"name": "qlora_sft", "lora": {"r": 4}}})
+    client = MlflowClient(tracking_uri=uri)
+    client.delete_experiment(client.create_experiment("given"))  # a name still held by a deleted experiment
     tracker = MlflowTracker(MlflowTracker.Settings(tracking_uri=uri), run)
     tracker.start()
     tracker.log(1, {"loss": 2.5})
     tracker.log(2, {"loss": 2.0})
     tracker.finish({"status": "failed", "steps": 2}, RuntimeError("x"))
     assert not (tmp_path / "runs" / "mlflow.db").exists()
-    client = MlflowClient(tracking_uri=uri)
     (found,) = client.search_runs([client.get_experiment_by_name("given").experiment_id])
     assert found.info.status == "FAILED" and found.data.params["method.lora.r"] == "4"
     assert [(m.step, m.value) for m in client.get_metric_history(found.info.run_id, "loss")] == [(1, 2.5), (2, 2.0)]

@@ -60,6 +60,8 @@ class MlflowTracker(Tracker):
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
             experiment_id = experiment.experiment_id
+            if experiment.lifecycle_stage == "deleted":  # deleted in the UI, still holding the name: runs can't be added
+                self.client.restore_experiment(experiment_id)
         elif self.settings.tracking_uri is None:
             experiment_id = self.client.create_experiment(name, artifact_location=(output_dir / "mlartifacts").as_uri())
         else:
