@@ -96,6 +96,9 @@ def cmd_data(args) -> int:
     _quiet_libraries()
     report = datareport.build(exp, args.examples, args.png)
     datareport.show(exp, report, Console(soft_wrap=True))
+    return 0
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -157,6 +160,47 @@ def cmd_push(args) -> int:
     return 0
 
 
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def cmd_runs(args) -> int:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    from fx import runs
+
+    console = Console()
+    if not console.is_terminal:  # piped or redirected: whole rows, not cells wrapped to 80 columns
+        console = Console(width=max(console.width, 240))
+    if args.compare:
+        a, b = (runs.resolve(args.dir, name) for name in args.compare)
+        config_rows, metric_rows = runs.compare(a, b)
+        for title, rows in ((f"config differences ({len(config_rows)})", config_rows), ("metrics", metric_rows)):
+            table = Table(title=title, box=box.SIMPLE_HEAD)
+            for column in ("key", a.name, b.name):
+                table.add_column(column, justify="left" if column == "key" else "right", overflow="fold")
+            for key, left, right in rows:
+                table.add_row(key, _cell(left), _cell(right))
+            console.print(table)
+        return 0
+    rows = runs.collect(args.dir, args.sort, args.reverse)
+    if not rows:
+        print(f"no runs in {args.dir}")
+        return 0
+    table = Table(title=f"runs in {args.dir} (sorted by {args.sort}{', reversed' if args.reverse else ''})", box=box.SIMPLE_HEAD)
+    for column in ("name", "date", "model", "method", "status", "steps", "metric", "final", "best", "tokens/s", "VRAM GiB"):
+        table.add_column(column, justify="right" if column in ("steps", "final", "best", "tokens/s", "VRAM GiB") else "left")
+    for r in rows:
+        table.add_row(r.name, r.date.astimezone().strftime("%Y-%m-%d %H:%M"), r.model, r.method, r.status, _cell(r.steps),
+                      r.metric, _cell(r.final), _cell(r.best), _cell(r.tokens_s), _cell(r.vram))
+    console.print(table)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fx", description="Parameter-efficient fine-tuning experiments.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -184,6 +228,7 @@ def parser() -> argparse.ArgumentParser:
                       help="where to write the length histogram (default: OUTPUT_DIR/NAME-lengths.png)")
     data.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     data.set_defaults(func=cmd_data)
+
     gen = sub.add_parser("generate", help="answer prompts with a finished run's model, in its template")
     gen.add_argument("run_dir", type=Path)
     gen.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="a user turn (repeatable)")
@@ -211,6 +256,15 @@ def parser() -> argparse.ArgumentParser:
     push.add_argument("run_dir", type=Path)
     push.add_argument("--repo", required=True, metavar="NAME", help="hub repository, e.g. you/quill-135m")
     push.set_defaults(func=cmd_push)
+
+    from fx.runs import SORT_KEYS
+
+    runs = sub.add_parser("runs", help="a table of past runs; --compare shows two runs' config differences and metrics")
+    runs.add_argument("dir", type=Path, nargs="?", default=Path("runs"), help="an output folder (default: runs)")
+    runs.add_argument("--sort", default="date", metavar="KEY", help=f"one of: {', '.join(SORT_KEYS)} (default: date)")
+    runs.add_argument("--reverse", action="store_true", help="sort in descending order")
+    runs.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="two runs, by name in DIR or by path")
+    runs.set_defaults(func=cmd_runs)
     return p
 
 

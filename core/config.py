@@ -214,7 +214,12 @@ def _trackers(data: Any, problems: list[str]) -> list[Selected]:
             continue
         entry = registry[name]
         validated = _validate(entry.cls.Settings, settings, f"trackers.{name}", problems)
-        if validated is not None:
+        if validated is None:
+            continue
+        check = getattr(entry.cls, "check", None)
+        found = check(validated) if check else []
+        problems += [f"trackers.{name}: tracker {name!r} {p}" for p in found]
+        if not found:
             chosen.append(Selected(name, entry.cls, validated, entry.plugin))
     return chosen
 

@@ -67,7 +67,8 @@ def fx_log(run: Run, step: int, metrics: dict[str, float]) -> None:
     """Metrics were logged at an optimizer step (``loss``, ``learning_rate``, ``tokens_per_s``, ...).
 
     Evaluation metrics carry an ``eval_`` prefix. ``step`` counts optimizer steps from 1; step 0 holds
-    measurements taken before training.
+    measurements taken before training. On a GPU, fx adds ``peak_vram_gib``: the most memory the CUDA
+    allocator has reserved so far in the run.
     """
 
 

@@ -35,6 +35,9 @@ DEFAULT_PLUGINS = (
     "fx.plugins.templates.vicuna",
     "fx.plugins.templates.chatml",
     "fx.plugins.templates.raw",
+    "fx.plugins.trackers.csv",
+    "fx.plugins.trackers.tensorboard",
+    "fx.plugins.trackers.mlflow",
 )
 
 # registry kind -> the register-callback hook that fills it

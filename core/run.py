@@ -18,10 +18,13 @@ import tomli_w
 LIBRARIES = ("fx", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "pluggy", "pydantic")
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, content: str | bytes) -> None:
     """Write beside the target, then rename: a reader sees the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    if isinstance(content, bytes):
+        tmp.write_bytes(content)
+    else:
+        tmp.write_text(content)
     os.replace(tmp, path)
 
 
@@ -81,6 +84,8 @@ class Run:
         self.resume_step: int | None = None  # the optimizer step that checkpoint holds
         self.stop_signal: int | None = None  # set by SIGINT/SIGTERM: finish the step, checkpoint, stop
         self.batch_tokens: int | None = None  # tokens in the batch being trained on (for OOM reports)
+        self.metrics: dict[str, Any] = {}
+        self.history: list[tuple[int, dict[str, float]]] = []  # every fx_log call, in order (plots/loss.png)
 
     def write_setup(self, origin: dict[str, Any]) -> None:
         """``config.toml`` (resolved), ``env.json`` and ``run.json`` (where the experiment came from)."""
@@ -89,6 +94,12 @@ class Run:
         write_atomic(self.dir / "run.json", json.dumps(origin, indent=2) + "\n")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Send metrics to every plugin; on a GPU, add the peak memory reserved so far (``peak_vram_gib``)."""
+        import torch
+
+        if torch.cuda.is_available():
+            metrics = {**metrics, "peak_vram_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3)}
+        self.history.append((step, dict(metrics)))
         self.plugins.hook.fx_log(run=self, step=step, metrics=metrics)
 
     @contextmanager

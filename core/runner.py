@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from fx.datareport import length_histogram
 from fx.errors import Interrupted, TrainingFailed, UserError
 from fx.evaluate import evaluate, generate
 from fx.merge import merge
+from fx.plots import write_loss_plot
 from fx.run import Run, new_run_dir, peak_rss_gib, write_atomic
 from fx.tracking import TrackerHub
 
@@ -177,6 +179,7 @@ def execute(exp: Experiment, plugins, resume: Path | None = None) -> Path:
     plugins.pm.register(hub, name=f"fx.trackers.active.{folder.name}")
     summary = Summary(
         folder / "summary.json", name=run.name, status="running", created=run_created(folder),
+        started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         model=exp.model.name, method=exp.method.name, template=exp.template.name,
         data={"train_rows": len(prep.train.rows), "eval_rows": len(prep.held_out.rows),
               "truncated": prep.train.truncated + prep.held_out.truncated,
@@ -203,6 +206,11 @@ def execute(exp: Experiment, plugins, resume: Path | None = None) -> Path:
     finally:
         # wall time adds up across a run and its resumptions
         _measure_peaks(summary, time.perf_counter() - started + previous.get("wall_s", 0))
+        try:  # the plot is a view of the run; a plotting failure must not hide how the run itself ended
+            write_loss_plot(run.history, folder / "plots" / "loss.png", f"{run.name} ({summary['status']})")
+        except Exception as exc:
+            summary["plot_error"] = f"{type(exc).__name__}: {exc}"
+            print(f"fx: could not write plots/loss.png: {summary['plot_error']}", file=sys.stderr)
         summary.write()
         plugins.hook.fx_run_end(run=run, summary=dict(summary), error=error)
         if hub.failed:

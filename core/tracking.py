@@ -3,6 +3,7 @@ reported once and switched off, and the run and the other trackers carry on."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from typing import Any
 
@@ -22,6 +23,14 @@ class Tracker:
         self.settings = settings
         self.run = run
 
+    @classmethod
+    def check(cls, settings: Settings) -> list[str]:
+        """Problems that would stop this tracker, found before the run starts (a missing optional library).
+
+        Each is reported with the experiment's other problems (exit code 2); the run does not start.
+        """
+        return []
+
     def start(self) -> None: ...
 
     def log(self, step: int, metrics: dict[str, float]) -> None: ...
@@ -31,6 +40,14 @@ class Tracker:
     def stage_end(self, stage: str, result: dict[str, Any]) -> None: ...
 
     def finish(self, summary: dict[str, Any], error: BaseException | None) -> None: ...
+
+
+def needs_extra(extra: str, *modules: str) -> list[str]:
+    """A problem line naming the pip extra to install when any of ``modules`` cannot be imported."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if not missing:
+        return []
+    return [f"needs {', '.join(missing)} (not installed): pip install 'fx[{extra}]'"]
 
 
 class TrackerHub:

@@ -1,4 +1,5 @@
-"""Tracker ``console``: a rich progress bar (step/total, loss, learning rate, tokens/s, ETA) and a closing table."""
+"""Tracker ``console``: a rich progress bar (step/total, loss, learning rate, tokens/s, peak VRAM on a GPU, ETA)
+and a closing table."""
 
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ class ConsoleTracker(Tracker):
             info += f"  lr {metrics['learning_rate']:.2e}"
         if "tokens_per_s" in metrics:
             info += f"  {metrics['tokens_per_s']:.0f} tok/s"
+        if "peak_vram_gib" in metrics:
+            info += f"  peak VRAM {metrics['peak_vram_gib']:.2f} GiB"
         self.progress.update(self.task, completed=step, total=self.run.max_steps, info=info)
 
     def stage_end(self, stage, result) -> None:

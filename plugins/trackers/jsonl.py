@@ -1,4 +1,5 @@
-"""Tracker ``jsonl``: every logged step and stage as one JSON line in ``metrics.jsonl``, flushed as it comes."""
+"""Tracker ``jsonl``: every logged step and stage as one JSON line in ``metrics.jsonl``, flushed as it comes,
+and the run's summary as the last line (``{"summary": {...}}``)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class JsonlTracker(Tracker):
         self._write({"stage": stage, **{k: v for k, v in result.items() if isinstance(v, (int, float, str, type(None)))}})
 
     def finish(self, summary, error) -> None:
+        self._write({"summary": summary})
         self.file.close()
 
 
