@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fx import manager
 from fx.errors import ConfigError, UserError
@@ -60,6 +60,38 @@ class GenerateSettings(Strict):
     max_new_tokens: int = Field(64, ge=1, le=4096)
 
 
+class BudgetSettings(Strict):
+    """``[budget]``: the GPU memory a run may use. fx plans before loading, refuses a run that won't fit
+    (``refuse``), or picks the largest micro-batch that fits (``auto``), and caps the CUDA allocator to it."""
+
+    gpu: str | None = None
+    vram_gib: float | None = Field(None, gt=0, le=4096)
+    auto: bool = False
+    refuse: bool = True
+
+    @model_validator(mode="after")
+    def _one_size(self):
+        from fx.memory import GPUS
+
+        if self.gpu is not None and self.gpu.lower() not in GPUS:
+            raise ValueError(f"gpu: unknown GPU {self.gpu!r}{did_you_mean(self.gpu.lower(), set(GPUS))} (one of: {', '.join(GPUS)})")
+        if self.gpu is not None and self.vram_gib is not None:
+            raise ValueError("set gpu or vram_gib, not both")
+        if self.auto and self.gpu is None and self.vram_gib is None:
+            raise ValueError("auto needs a budget: set gpu or vram_gib")
+        return self
+
+    def gib(self) -> float | None:
+        from fx.memory import budget_gib
+
+        if self.gpu is not None:
+            return budget_gib(self.gpu)
+        return self.vram_gib
+
+    def label(self) -> str:
+        return self.gpu if self.gpu is not None else f"{self.vram_gib:g} GiB"
+
+
 class StagesSettings(Strict):
     evaluate: EvaluateSettings = EvaluateSettings()
     generate: GenerateSettings = GenerateSettings()
@@ -72,7 +104,7 @@ PLUGIN_SECTIONS = {
     "template": ("name", "templates"),
     "method": ("name", "methods"),
 }
-SECTIONS = ("experiment", "model", "data", "template", "method", "trackers", "stages")
+SECTIONS = ("experiment", "model", "data", "template", "method", "trackers", "stages", "budget")
 
 
 @dataclass(frozen=True)
@@ -97,6 +129,7 @@ class Experiment:
     trackers: list[Selected]
     stages: StagesSettings
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+    budget: BudgetSettings = field(default_factory=BudgetSettings)
 
     @property
     def base_dir(self) -> Path:
@@ -112,6 +145,8 @@ class Experiment:
         out["method"] = {"name": self.method.name, **self.method.settings.model_dump()}
         out["trackers"] = {t.name: t.settings.model_dump() for t in self.trackers}
         out["stages"] = self.stages.model_dump()
+        if self.budget != BudgetSettings():
+            out["budget"] = self.budget.model_dump()
         return _drop_none(out)
 
 
@@ -255,9 +290,10 @@ def from_dict(raw: dict[str, Any], path: Path) -> Experiment:
     method, _ = _select("method", raw.get("method", {}), problems)
     trackers = _trackers(raw.get("trackers", {"console": {}, "jsonl": {}}), problems)
     stages = _validate(StagesSettings, raw.get("stages", {}), "stages", problems)
+    budget = _validate(BudgetSettings, raw.get("budget", {}), "budget", problems)
     if problems:
         raise ConfigError([f"{path}: {p}" for p in problems])
-    return Experiment(path, experiment, model, data, dataset, template, method, trackers, stages, raw)
+    return Experiment(path, experiment, model, data, dataset, template, method, trackers, stages, raw, budget)
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> Experiment:

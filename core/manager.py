@@ -31,6 +31,7 @@ DEFAULT_PLUGINS = (
     "fx.plugins.methods.qlora_sft",
     "fx.plugins.trackers.console",
     "fx.plugins.trackers.jsonl",
+    "fx.plugins.datasets.synthetic",
 )
 
 # registry kind -> the register-callback hook that fills it

@@ -56,14 +56,35 @@ class QLoraSFT(Method):
             bnb_4bit_compute_dtype=compute_dtype(s.compute_dtype),
         )
 
-    def load(self, source, tokenizer):
-        from peft import LoraConfig, get_peft_model
+    def workload(self, max_length: int, bf16: bool | None = None):
+        """The run's shape for the memory planner; ``bf16`` says whether the target GPU computes in bfloat16
+        (None: this machine's GPU), which settles ``compute_dtype = "auto"``."""
+        from fx.memory import Workload
 
         s = self.settings
-        dtype = compute_dtype(s.compute_dtype)
+        if s.compute_dtype != "auto":
+            dtype = s.compute_dtype
+        elif bf16 is None:
+            dtype = str(compute_dtype("auto")).removeprefix("torch.") if device() == "cuda" else "bfloat16"
+        else:
+            dtype = "bfloat16" if bf16 else "float16"
+        targets = (s.lora.target_modules,) if isinstance(s.lora.target_modules, str) else tuple(s.lora.target_modules)
+        return Workload(
+            micro_batch=s.micro_batch_size, seq_len=max_length, gradient_checkpointing=s.gradient_checkpointing,
+            lora_r=s.lora.r, lora_targets=targets, lora_dropout=s.lora.dropout, compute_dtype=dtype,
+            quant_type=s.quant_type, double_quant=s.double_quant, optim=s.optim,
+            gradient_accumulation=s.gradient_accumulation_steps,
+            keys={"micro_batch": "method.micro_batch_size", "gradient_accumulation": "method.gradient_accumulation_steps",
+                  "gradient_checkpointing": "method.gradient_checkpointing", "seq_len": "data.max_length",
+                  "lora_r": "method.lora.r"},
+        )
+
+    def load_base(self, source):
+        """The 4-bit base model, with gradient checkpointing set as configured."""
+        s = self.settings
         model = source.load(
             quantization_config=self.quantization_config(),
-            dtype=dtype,
+            dtype=compute_dtype(s.compute_dtype),
             device_map={"": 0} if device() == "cuda" else {"": "cpu"},
         )
         keep_4bit_layout(model)
@@ -71,11 +92,21 @@ class QLoraSFT(Method):
         if s.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
+        return model
+
+    def attach(self, model):
+        """LoRA adapters on ``model`` (a base from :meth:`load_base`)."""
+        from peft import LoraConfig, get_peft_model
+
+        s = self.settings
         lora = LoraConfig(
             r=s.lora.r, lora_alpha=s.lora.alpha, lora_dropout=s.lora.dropout,
             target_modules=s.lora.target_modules, bias="none", task_type="CAUSAL_LM",
         )
         return get_peft_model(model, lora)
+
+    def load(self, source, tokenizer):
+        return self.attach(self.load_base(source))
 
     def trainer_args(self, output_dir: Path, seed: int):
         from trl import SFTConfig
@@ -117,19 +148,36 @@ class QLoraSFT(Method):
         )
         return SFTConfig(**args)
 
-    def train(self, model, tokenizer, train_rows, eval_rows) -> dict[str, Any]:
+    def trainer(self, model, tokenizer, train_rows, output_dir: Path, seed: int, callbacks=(), **overrides):
+        """trl's SFTTrainer for ``model``; ``overrides`` replace SFTConfig fields (fx bench sets max_steps)."""
+        import dataclasses
+
         import datasets
         from transformers.trainer_callback import PrinterCallback
         from trl import SFTTrainer
 
+        args = self.trainer_args(output_dir, seed)
+        if overrides:
+            args = dataclasses.replace(args, **overrides)
         trainer = SFTTrainer(
             model=model,
-            args=self.trainer_args(self.run.dir / "checkpoints", self.run.config["experiment"]["seed"]),
+            args=args,
             train_dataset=datasets.Dataset.from_list(train_rows),
             processing_class=tokenizer,
-            callbacks=[log_callback(self.run)],
+            callbacks=list(callbacks),
         )
         trainer.remove_callback(PrinterCallback)  # fx's trackers report progress
+        if args.fp16:
+            # trl casts a quantised model's LoRA weights to bfloat16; fp16 mixed precision's gradient scaler cannot
+            # unscale bfloat16 gradients (measured on an H100: NotImplementedError), and T4s have no bfloat16.
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.data = param.data.float()
+        return trainer
+
+    def train(self, model, tokenizer, train_rows, eval_rows) -> dict[str, Any]:
+        trainer = self.trainer(model, tokenizer, train_rows, self.run.dir / "checkpoints",
+                               self.run.config["experiment"]["seed"], callbacks=[log_callback(self.run)])
         start = time.perf_counter()
         output = trainer.train()
         wall = time.perf_counter() - start
