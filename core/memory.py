@@ -57,9 +57,11 @@ BNB_BLOCK = 64               # bitsandbytes' 4-bit block size
 PAGED_MIN_NUMEL = 100_000    # bitsandbytes pages optimizer states of tensors at least this large
 LOGPROB_TOKENS = 4096        # trl's fused LM head: tokens per tile
 LOGPROB_VOCAB = 32768        # trl's fused LM head: vocabulary entries per tile
-CUDA_CONTEXT_GIB = 0.5       # driver, kernels and cuBLAS handles outside PyTorch's allocator (measured, docs/memory.md)
+CUDA_CONTEXT_GIB = 0.7       # driver, kernels and cuBLAS outside PyTorch's allocator (0.66 measured on an H100)
 BACKWARD_WORKSET = 4.0       # bytes per token x intermediate size alive at once in one layer's backward (calibrated)
-SLACK = 0.03                 # allocator rounding and fragmentation with expandable segments (calibrated)
+# allocator slack (reserved - allocated) with expandable segments, fitted on an H100: a fixed part and shares of
+# the working set (allocated and freed layer by layer) and of the saved activations
+SLACK_FIXED_GIB, SLACK_WORKING, SLACK_SAVED = 0.2, 0.07, 0.015
 
 
 def budget_gib(budget: str | float) -> float:
@@ -191,7 +193,8 @@ class Plan:
 
     @property
     def activation_bytes(self) -> float:
-        return next(c.bytes for c in self.components if c.name == "activations")
+        """Activations with their working set, as the table's other-way figure counts them."""
+        return sum(c.bytes for c in self.components if c.name in ("activations", "backward working set", "logits and loss"))
 
 
 def quantised_bytes(arch: Architecture, work: Workload) -> tuple[float, float]:
@@ -251,19 +254,38 @@ def layer_activation_bytes(arch: Architecture, work: Workload) -> float:
     return norms + attention + mlp + lora
 
 
-MODEL_ACTIVATIONS = 16  # bytes per token x hidden outside the layers (embedding output, final norm; probed)
+def saved_activation_bytes(arch: Architecture, work: Workload, checkpointing: bool) -> float:
+    """Activations alive when backward starts: every layer's saved tensors, or with gradient checkpointing only
+    each layer's input (the compute dtype's hidden state per token)."""
+    n = work.tokens
+    if checkpointing:
+        return arch.layers * dtype_bytes(work.compute_dtype) * arch.hidden * n
+    return arch.layers * layer_activation_bytes(arch, work) * n
+
+
+def layer_working_bytes(arch: Architecture, work: Workload, checkpointing: bool) -> float:
+    """What one layer's backward holds on top of the saved activations: with checkpointing, the layer's
+    recomputed activations; the gradient of the residual stream and the layer's gradient temporaries
+    (BACKWARD_WORKSET x intermediate per token); the hidden states' gradient and the final norm's tensors
+    (6h per token with checkpointing, 16h without, as measured on an H100)."""
+    n = work.tokens
+    workset = BACKWARD_WORKSET * arch.intermediate * n
+    if checkpointing:
+        return layer_activation_bytes(arch, work) * n + workset + 6 * arch.hidden * n
+    return workset + 16 * arch.hidden * n
+
+
+def loss_working_bytes(arch: Architecture, work: Workload) -> float:
+    """trl's fused LM head: a copy of the hidden states it scores, their fp32 gradient, the cast back, and one
+    tile of 4096 tokens x 32768 vocabulary logits; the full (batch, seq, vocab) logits never exist."""
+    n, d = work.tokens, dtype_bytes(work.compute_dtype)
+    return n * arch.hidden * (d + 4 + d) + min(n, LOGPROB_TOKENS) * LOGPROB_VOCAB * d
 
 
 def activation_bytes(arch: Architecture, work: Workload, checkpointing: bool) -> float:
-    """Saved activations at the start of backward, plus the working set of the layer whose backward runs."""
-    n = work.tokens
-    per_layer = layer_activation_bytes(arch, work) * n
-    workset = BACKWARD_WORKSET * arch.intermediate * n
-    outside = MODEL_ACTIVATIONS * arch.hidden * n
-    if checkpointing:
-        kept = arch.layers * dtype_bytes(work.compute_dtype) * arch.hidden * n  # each layer's input
-        return kept + per_layer + workset + outside  # one layer recomputed at a time
-    return arch.layers * per_layer + workset + outside
+    """Saved activations plus the larger of the two backward working sets (a layer's, the loss's)."""
+    return saved_activation_bytes(arch, work, checkpointing) + max(
+        layer_working_bytes(arch, work, checkpointing), loss_working_bytes(arch, work))
 
 
 def optimizer_bytes(work: Workload, sizes: list[int], param_bytes: int) -> tuple[float, float]:
@@ -294,14 +316,15 @@ def plan(arch: Architecture, work: Workload, config_origin: str = "") -> Plan:
     lora_dtype = "float32" if work.compute_dtype == "float16" else "bfloat16"
     lora_bytes = 4 if lora_dtype == "float32" else 2
     opt_inside, opt_paged = optimizer_bytes(work, sizes, lora_bytes)
-    acts = activation_bytes(arch, work, work.gradient_checkpointing)
-    other = activation_bytes(arch, work, not work.gradient_checkpointing)
-    # trl's fused LM head: a copy of the hidden states it scores, a logits tile, and fp32 gradients of the hidden
-    # states in backward.
-    n = work.tokens
-    loss = n * arch.hidden * (d + 4 + d) + min(n, LOGPROB_TOKENS) * LOGPROB_VOCAB * d + n * 4 * 8
+    ckpt = work.gradient_checkpointing
+    saved = saved_activation_bytes(arch, work, ckpt)
+    other = activation_bytes(arch, work, not ckpt)
+    layer, loss = layer_working_bytes(arch, work, ckpt), loss_working_bytes(arch, work)
     largest = max(i * o for i, o in arch.linears().values())
     dequant = largest * d  # one dequantised weight while its matmul runs
+    # Gradients are freed after each optimizer step (set_to_none) and rebuilt during backward, so at the backward
+    # peak they exist only when accumulation carries them over from the micro-batch before.
+    grads = n_lora * lora_bytes if work.gradient_accumulation > 1 else 0.0
     components = [
         Component("4-bit weights", packed, f"{work.quant_type}, {arch.layers} layers x 7 linears"),
         Component("quantisation constants", constants,
@@ -310,20 +333,27 @@ def plan(arch: Architecture, work: Workload, config_origin: str = "") -> Plan:
                   f"embeddings, {'tied ' if arch.tied else ''}lm_head, norms in {work.compute_dtype}"),
         Component("LoRA parameters", n_lora * lora_bytes, f"r={work.lora_r} on {', '.join(work.lora_targets)}: "
                   f"{n_lora / 1e6:.1f}M params, {lora_dtype}"),
-        Component("LoRA gradients", n_lora * lora_bytes, lora_dtype),
-        Component("optimizer states", opt_inside, work.optim),
-        Component("activations", acts,
-                  f"{work.micro_batch} x {work.seq_len} tokens, checkpointing "
-                  f"{'on' if work.gradient_checkpointing else 'off'} (other way: {other / GIB:.2f} GiB)"),
-        Component("logits and loss", loss, "trl's fused LM head, tiles of 4096 tokens x 32768 vocabulary"),
+        Component("LoRA gradients", grads, f"{n_lora * lora_bytes / GIB:.2f} GiB, "
+                  + ("kept across accumulation steps" if grads else "rebuilt during backward: not alive at the peak")),
+        Component("optimizer states", opt_inside, work.optim + (" (states of small tensors)" if opt_paged else "")),
+        Component("activations", saved,
+                  f"kept for backward, {work.micro_batch} x {work.seq_len} tokens, checkpointing "
+                  f"{'on' if ckpt else 'off'} (the other way, with its working set: {other / GIB:.2f} GiB)"),
+        Component("backward working set", layer if layer >= loss else 0.0,
+                  ("one layer recomputed, its gradient temporaries" if ckpt else "one layer's gradient temporaries")
+                  + ("" if layer >= loss else f" ({layer / GIB:.2f} GiB, below the loss's)")),
+        Component("logits and loss", loss if loss > layer else 0.0,
+                  "trl's fused LM head, 4096 x 32768 logit tiles" + ("" if loss > layer else
+                                                                      f" ({loss / GIB:.2f} GiB, freed before the layers' backward)")),
         Component("dequantised weight", dequant, "one base weight in the compute dtype during its matmul"),
     ]
-    subtotal = sum(c.bytes for c in components)
-    components.append(Component("allocator slack", subtotal * SLACK, "rounding and fragmentation (expandable segments)"))
+    working = max(layer, loss) + dequant
+    slack = SLACK_FIXED_GIB * GIB + SLACK_WORKING * working + SLACK_SAVED * saved
+    components.append(Component("allocator slack", slack, "rounding and fragmentation (expandable segments)"))
     if opt_paged:
         components.append(Component("paged optimizer states", opt_paged,
                                     "bitsandbytes unified memory, outside PyTorch's allocator", in_allocator=False))
-    components.append(Component("CUDA context", CUDA_CONTEXT_GIB * GIB, "driver and kernels, outside the allocator",
+    components.append(Component("CUDA context", CUDA_CONTEXT_GIB * GIB, "driver, kernels, cuBLAS, outside the allocator",
                                 in_allocator=False))
     return Plan(arch, work, components, other, config_origin)
 

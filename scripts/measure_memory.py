@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
 
 # (compute dtype, micro-batch, sequence length, gradient checkpointing, LoRA rank, targets, dropout)
-MATRIX = [
+# "calibration" fitted the planner's two measured constants; "validation" checks it on configurations it never saw.
+CALIBRATION = [
     ("float16", 4, 1024, True, 64, "q_proj,v_proj", 0.1),
     ("float16", 1, 256, True, 8, "q_proj,v_proj", 0.1),
     ("float16", 8, 512, True, 16, "q_proj,v_proj", 0.1),
@@ -46,6 +47,25 @@ MATRIX = [
     ("bfloat16", 2, 4096, True, 8, "q_proj,v_proj", 0.1),
     ("bfloat16", 4, 2048, False, 64, "q_proj,v_proj", 0.1),
 ]
+VALIDATION = [
+    ("float16", 4, 1024, True, 64, "q_proj,v_proj", 0.1),  # the reference recipe at its longest batch
+    ("float16", 2, 256, True, 16, "q_proj,v_proj", 0.1),
+    ("float16", 4, 768, True, 32, "q_proj,v_proj", 0.1),
+    ("float16", 6, 1024, True, 64, "q_proj,v_proj", 0.1),
+    ("float16", 8, 2048, True, 8, "q_proj,v_proj", 0.1),
+    ("float16", 3, 4096, True, 64, "q_proj,v_proj", 0.1),
+    ("float16", 2, 512, False, 32, "q_proj,v_proj", 0.1),
+    ("float16", 8, 256, False, 64, "q_proj,v_proj", 0.1),
+    ("float16", 1, 2048, False, 8, "q_proj,v_proj", 0.1),
+    ("float16", 2, 1024, True, 16, "all-linear", 0.05),
+    ("bfloat16", 1, 512, True, 64, "q_proj,v_proj", 0.1),
+    ("bfloat16", 8, 1024, True, 32, "q_proj,v_proj", 0.1),
+    ("bfloat16", 4, 4096, True, 16, "q_proj,v_proj", 0.1),
+    ("bfloat16", 2, 1536, False, 64, "q_proj,v_proj", 0.1),
+    ("bfloat16", 6, 512, False, 8, "q_proj,v_proj", 0.1),
+    ("bfloat16", 1, 3072, False, 32, "q_proj,v_proj", 0.0),
+]
+MATRICES = {"calibration": CALIBRATION, "validation": VALIDATION}
 
 
 def settings_for(dtype, batch, gc_on, r, targets, dropout):
@@ -77,8 +97,11 @@ def measure(args) -> list[dict]:
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.init()
     free0, _ = torch.cuda.mem_get_info()
-    results = []
-    matrix = [m for m in MATRIX if not args.only or m[0] in args.only]
+    results: list[dict] = [{"meta": {
+        "gpu": torch.cuda.get_device_name(0), "total_gib": total / GIB, "torch": torch.__version__,
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "context_gib": (total - free0) / GIB,
+        "matrix": args.matrix}}]
+    matrix = [m for m in MATRICES[args.matrix] if not args.only or m[0] in args.only]
     for dtype in dict.fromkeys(m[0] for m in matrix):
         gc.collect()
         torch.cuda.empty_cache()
@@ -147,11 +170,7 @@ def measure(args) -> list[dict]:
                   f"estimate {entry['estimate_reserved_gib']:.3f} ({entry['error_pct']:+.1f}%) | "
                   f"{entry['train_s']:.1f} s | device {entry['device_used_after_gib']:.2f}", flush=True)
         del base
-    free, _ = torch.cuda.mem_get_info()
-    meta = {"gpu": torch.cuda.get_device_name(0), "total_gib": total / GIB,
-            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
-            "context_gib": (total - free0) / GIB, "torch": torch.__version__}
-    return [{"meta": meta}] + results
+    return results
 
 
 def probe_saved(base, method, arch, dtype: str, seq: int):
@@ -184,7 +203,7 @@ def probe_saved(base, method, arch, dtype: str, seq: int):
     return model.unload()
 
 
-def render(results: list[dict], out: Path) -> None:
+def render(results: list[dict], out: Path, name: str) -> None:
     from fx import memory
 
     meta = results[0]["meta"]
@@ -203,7 +222,7 @@ def render(results: list[dict], out: Path) -> None:
                      f"{r['measured_reserved_gib']:.2f} | {r['measured_allocated_gib']:.2f} | {err:+.1f}% |")
     table = "\n".join(lines)
     text = out.read_text() if out.exists() else ""
-    start, end = "<!-- measured:start -->", "<!-- measured:end -->"
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     block = (f"{start}\nMeasured on {meta['gpu']} (torch {meta['torch']}, `PYTORCH_CUDA_ALLOC_CONF="
              f"{meta['alloc_conf']}`), {len(rows)} configurations; largest error {worst:.1f}%.\n\n{table}\n{end}")
     if start in text:
@@ -215,7 +234,6 @@ def render(results: list[dict], out: Path) -> None:
     tmp.replace(out)
     print(table)
     print(f"largest error {worst:.1f}%")
-    del memory
 
 
 def main(argv=None) -> int:
@@ -224,11 +242,12 @@ def main(argv=None) -> int:
     p.add_argument("--render", type=Path, help="a measurements JSON to re-estimate and render into --doc")
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "memory.md")
     p.add_argument("--probe", action="store_true", help="also count the bytes autograd saves per layer")
+    p.add_argument("--matrix", choices=sorted(MATRICES), default="validation")
     p.add_argument("--only", nargs="*", help="compute dtypes to measure (default: all)")
     args = p.parse_args(argv)
     if args.render:
         results = json.loads(args.render.read_text())
-        render(reestimate(results), args.doc)
+        render(reestimate(results), args.doc, results[0]["meta"].get("matrix", args.matrix))
         return 0
     results = measure(args)
     if args.out:

@@ -43,6 +43,7 @@ class QLoraSFT(Method):
         max_grad_norm: float = Field(0.3, gt=0, le=1e6)
         optim: Literal["adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_bnb_8bit"] = "paged_adamw_32bit"
         gradient_checkpointing: bool = True
+        group_by_length: bool = False  # batch rows of similar length: less padding (the tutorial's choice)
         logging_steps: int = Field(1, ge=1, le=10**6)
 
     def quantization_config(self):
@@ -134,6 +135,7 @@ class QLoraSFT(Method):
             gradient_checkpointing=False,  # set on the model in load(); the trainer must not change it
             logging_steps=s.logging_steps,
             logging_strategy="steps",
+            train_sampling_strategy="group_by_length" if s.group_by_length else "random",
             save_strategy="no",
             eval_strategy="no",
             report_to="none",
