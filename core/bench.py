@@ -176,7 +176,7 @@ def run(exp, steps: int, warmup: int, reference: bool = False) -> dict[str, Any]
     resolved = exp.resolved()
     result: dict[str, Any] = {
         "kind": "fx-bench", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["fx", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("fx") else None,
+        "command": " ".join(["fx", *sys.argv[1:]]),
         **env, "steps": steps, "warmup": warmup,
         "config": resolved, "config_hash": _hash(workload_config(resolved)), "full_config_hash": _hash(resolved),
         "plan": fitted.summary(), "allocator_cap_gib": cap / GIB if cap else None,
@@ -253,6 +253,10 @@ def report(result: dict[str, Any]) -> None:
                      + (f"; allocator capped at {result['allocator_cap_gib']:.2f} GiB" if result.get("allocator_cap_gib") else "")
                      + f"; {r['measured_steps']} steps after {result['warmup']} warm-up")
     Console().print(table)
+    if r["step_s_p90"] > 2 * r["step_s_median"]:
+        print(f"note: step times vary widely (p90 {r['step_s_p90']:.2f} s, median {r['step_s_median']:.2f} s): first-use "
+              "compilation (Triton kernels) may fall inside the measured steps; run again (the cache is kept on disk) "
+              "or raise --warmup")
 
 
 def write_result(path: Path, result: dict[str, Any]) -> None:
