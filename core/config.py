@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fx import manager
 from fx.errors import ConfigError, UserError
@@ -69,12 +69,17 @@ class BudgetSettings(Strict):
     auto: bool = False
     refuse: bool = True
 
-    @model_validator(mode="after")
-    def _one_size(self):
+    @field_validator("gpu")
+    @classmethod
+    def _known_gpu(cls, gpu: str | None) -> str | None:
         from fx.memory import GPUS
 
-        if self.gpu is not None and self.gpu.lower() not in GPUS:
-            raise ValueError(f"gpu: unknown GPU {self.gpu!r}{did_you_mean(self.gpu.lower(), set(GPUS))} (one of: {', '.join(GPUS)})")
+        if gpu is not None and gpu.lower() not in GPUS:
+            raise ValueError(f"unknown GPU {gpu!r}{did_you_mean(gpu.lower(), set(GPUS))} (one of: {', '.join(GPUS)})")
+        return gpu
+
+    @model_validator(mode="after")
+    def _one_size(self):
         if self.gpu is not None and self.vram_gib is not None:
             raise ValueError("set gpu or vram_gib, not both")
         if self.auto and self.gpu is None and self.vram_gib is None:
