@@ -199,13 +199,11 @@ def probe_saved(base, method, arch, dtype: str, seq: int):
     formula = memory.layer_activation_bytes(arch, method.workload(seq))
     print(f"probe {dtype} {method.settings.lora.target_modules} p={method.settings.lora.dropout}: saved "
           f"{per_layer:.0f} B/token/layer; planner {formula:.0f} ({100 * (formula / per_layer - 1):+.1f}%)", flush=True)
-    del hidden, seen
+    del hidden
     return model.unload()
 
 
 def render(results: list[dict], out: Path, name: str) -> None:
-    from fx import memory
-
     meta = results[0]["meta"]
     rows = [r for r in results[1:] if "measured_reserved_gib" in r]
     lines = [

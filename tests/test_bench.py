@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import statistics
 
-import pytest
-
 from fx.cli import main
 from fx.plugins.datasets.synthetic import SyntheticDataset
 
