@@ -488,14 +488,19 @@ def plan_experiment(exp, budget: str | float | None = None) -> Fitted:
     return Fitted(exp, plan(arch, work, source.config_origin), budget_bytes, label)
 
 
-def fit(exp) -> Fitted:
-    """Plan ``exp`` against ``[budget]``: apply ``budget.auto``, or refuse (UserError, exit 2) a run that won't fit."""
+def fit(exp) -> Fitted | None:
+    """Plan ``exp`` against ``[budget]``: apply ``budget.auto``, or refuse (UserError, exit 2) a run that won't fit.
+    Without a budget a plan is only recorded: None when the experiment can't be planned (a method without a
+    workload, a config that can't be read yet), and the run goes on."""
     from fx import config
     from fx.errors import UserError
 
+    if exp.budget.gib() is None:
+        try:
+            return plan_experiment(exp)
+        except UserError:
+            return None
     fitted = plan_experiment(exp)
-    if fitted.budget_bytes is None:
-        return fitted
     work, arch = fitted.plan.work, fitted.plan.arch
     if exp.budget.auto:
         chosen = auto_micro_batch(arch, work, fitted.budget_bytes)
@@ -531,11 +536,11 @@ def refusal(path, fitted: Fitted) -> str:
     return "\n".join(lines)
 
 
-def cap_allocator(fitted: Fitted) -> float | None:
+def cap_allocator(fitted: Fitted | None) -> float | None:
     """Cap PyTorch's CUDA allocator so the process holds the budget on a larger GPU; the cap in bytes, or None."""
     import torch
 
-    if fitted.budget_bytes is None or not torch.cuda.is_available():
+    if fitted is None or fitted.budget_bytes is None or not torch.cuda.is_available():
         return None
     total = torch.cuda.get_device_properties(0).total_memory
     fraction = allocator_fraction(fitted.plan, fitted.budget_bytes, total)

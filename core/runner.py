@@ -82,7 +82,7 @@ def execute(exp: Experiment, plugins) -> Path:
 
     started = time.perf_counter()
     fitted = memory.fit(exp)  # refuses a run over its budget before anything is loaded
-    exp = fitted.exp
+    exp = fitted.exp if fitted else exp
     prep = prepare(exp)
     folder = new_run_dir(Path(exp.experiment.output_dir), exp.experiment.name)
     run = Run(folder.name, folder, exp.resolved(), plugins)
@@ -100,9 +100,9 @@ def execute(exp: Experiment, plugins) -> Path:
     error: BaseException | None = None
     try:
         plugins.hook.fx_run_start(run=run)
-        summary["memory_plan"] = fitted.summary()
         cap = memory.cap_allocator(fitted)
-        summary["memory_plan"]["allocator_cap_gib"] = round(cap / memory.GIB, 3) if cap else None
+        if fitted:
+            summary["memory_plan"] = {**fitted.summary(), "allocator_cap_gib": round(cap / memory.GIB, 3) if cap else None}
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         method = exp.method.cls(exp.method.settings, run)

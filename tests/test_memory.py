@@ -164,3 +164,22 @@ def test_budget_auto_picks_a_micro_batch_that_fits(tiny_experiment):
 def test_shipped_experiments_validate(name):
     exp = config.load(ROOT / "experiments" / name)
     assert exp.budget.gpu == "t4" and memory.plan_experiment(exp).fits
+
+
+def test_a_method_without_a_workload_runs_unplanned_unless_a_budget_needs_it(tiny_experiment, register_plugin, capsys):
+    import fx
+    from fx.plugins.methods.qlora_sft import QLoraSFT
+
+    class Unplanned(QLoraSFT):
+        def workload(self, max_length, bf16=None):
+            return None
+
+    class Plugin:
+        @fx.hookimpl
+        def fx_register_methods(self, register):
+            register("unplanned", Unplanned)
+
+    register_plugin(Plugin(), "unplanned-method")
+    assert memory.fit(config.load(tiny_experiment, ["method.name=unplanned"])) is None
+    assert main(["plan", str(tiny_experiment), "--set", "method.name=unplanned", "--budget", "t4"]) == 2
+    assert "can't be planned" in capsys.readouterr().err
