@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from fx.errors import UserError
+from fx.errors import OutOfMemory, UserError
 
 # resolved-config keys that change how a workload runs, not what it computes
 EXECUTION_KEYS = {
@@ -172,7 +172,7 @@ def run(exp, steps: int, warmup: int, reference: bool = False) -> dict[str, Any]
         try:
             trainer.train()
         except torch.OutOfMemoryError as exc:
-            raise UserError(out_of_memory(cap, exc)) from None
+            raise OutOfMemory(memory.out_of_memory(cap, exc)) from None
     measured = {**summarise(timer, warmup), **memory_readings(torch), "load_s": load_s}
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     mean_row = statistics.mean(len(r["input_ids"]) for r in prep.train.rows)
@@ -209,13 +209,6 @@ def run(exp, steps: int, warmup: int, reference: bool = False) -> dict[str, Any]
             if ref.get(k)
         }
     return result
-
-
-def out_of_memory(cap: float | None, exc: BaseException) -> str:
-    first = str(exc).splitlines()[0][:200]
-    if cap:
-        return f"out of GPU memory under the budget's allocator cap of {cap / 2**30:.2f} GiB: {first}"
-    return f"out of GPU memory: {first}"
 
 
 def device_peak_tflops(hardware: dict[str, Any]) -> float | None:

@@ -19,3 +19,9 @@ class ConfigError(UserError):
 
 class PluginError(UserError):
     """A plugin that cannot be loaded or does not follow the hook specifications; names the plugin."""
+
+
+class OutOfMemory(UserError):
+    """Training ran out of GPU memory (under a budget's allocator cap, or the card's): exit code 1, one line."""
+
+    exit_code = 1

@@ -550,6 +550,13 @@ def cap_allocator(fitted: Fitted | None) -> float | None:
     return fraction * total
 
 
+def out_of_memory(cap: float | None, exc: BaseException) -> str:
+    first = str(exc).splitlines()[0][:200]
+    if cap:
+        return f"out of GPU memory under the budget's allocator cap of {cap / GIB:.2f} GiB: {first}"
+    return f"out of GPU memory: {first}"
+
+
 def use_expandable_segments() -> None:
     """Ask PyTorch's allocator for expandable segments (unless the user chose a setting): fragmentation then
     costs a few percent instead of up to a fifth of the peak, so the plan holds and a budget goes further.

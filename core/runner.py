@@ -16,7 +16,7 @@ from typing import Any
 
 from fx import data as fx_data
 from fx.config import Experiment
-from fx.errors import UserError
+from fx.errors import OutOfMemory, UserError
 from fx.evaluate import evaluate, generate
 from fx.run import Run, new_run_dir, peak_rss_gib, write_atomic
 from fx.tracking import TrackerHub
@@ -98,6 +98,7 @@ def execute(exp: Experiment, plugins) -> Path:
                  "dropped": prep.train.dropped + prep.held_out.dropped},
     }
     error: BaseException | None = None
+    cap = None
     try:
         plugins.hook.fx_run_start(run=run)
         cap = memory.cap_allocator(fitted)
@@ -138,6 +139,10 @@ def execute(exp: Experiment, plugins) -> Path:
                 after = generate(model, prep.tokenizer, prep.template, prompts, generate_settings.max_new_tokens)
             write_samples(folder / "samples.md", prompts, before, after)
         summary["status"] = "completed"
+    except torch.OutOfMemoryError as exc:
+        error, summary["status"] = exc, "failed"
+        summary["error"] = memory.out_of_memory(cap, exc)
+        raise OutOfMemory(summary["error"]) from None
     except KeyboardInterrupt as exc:
         error, summary["status"] = exc, "interrupted"
         raise

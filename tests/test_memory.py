@@ -183,3 +183,27 @@ def test_a_method_without_a_workload_runs_unplanned_unless_a_budget_needs_it(tin
     assert memory.fit(config.load(tiny_experiment, ["method.name=unplanned"])) is None
     assert main(["plan", str(tiny_experiment), "--set", "method.name=unplanned", "--budget", "t4"]) == 2
     assert "can't be planned" in capsys.readouterr().err
+
+
+def test_out_of_memory_in_training_ends_the_run_with_one_line_and_a_summary(tiny_experiment, register_plugin, capsys):
+    import torch
+
+    import fx
+    from fx.plugins.methods.qlora_sft import QLoraSFT
+
+    class Hungry(QLoraSFT):
+        def train(self, model, tokenizer, train_rows, eval_rows):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 48.00 MiB.")
+
+    class Plugin:
+        @fx.hookimpl
+        def fx_register_methods(self, register):
+            register("hungry", Hungry)
+
+    register_plugin(Plugin(), "hungry-method")
+    assert main(["run", str(tiny_experiment), "--set", "method.name=hungry", "--set", "stages.evaluate.enabled=false",
+                 "--set", "stages.generate.enabled=false"]) == 1
+    assert "out of GPU memory: CUDA out of memory" in capsys.readouterr().err
+    summary = json.loads(next((tiny_experiment.parent / "runs").glob("*/summary.json")).read_text())
+    assert summary["status"] == "failed" and summary["error"].startswith("out of GPU memory")
+    assert summary["memory_plan"]["total_gib"] > 0  # the plan is recorded next to the (here absent) peak
