@@ -8,18 +8,22 @@ gradient checkpointing). Each formula follows what the libraries fx trains with 
   with a second level of constants under double quantisation). Its 4-bit matmul saves no input for backward:
   the frozen base weights need no gradient. A dequantised copy of one weight lives while a matmul runs.
 * Embeddings, norms and ``lm_head`` stay in the compute dtype.
-* trl casts the LoRA parameters of a quantised model to bfloat16 (2 bytes; gradients the same). AdamW states
-  are fp32 in bitsandbytes' 32-bit optimizers, 8-bit in the 8-bit ones, the parameter's dtype in torch's.
+* trl casts the LoRA parameters of a quantised model to bfloat16; under fp16 mixed precision fx keeps them in
+  float32 (the gradient scaler can't unscale bfloat16). Gradients are rebuilt during each backward, so they
+  are alive at the backward peak only when accumulation carries them. AdamW states are fp32 in bitsandbytes'
+  32-bit optimizers, 8-bit in the 8-bit ones, the parameter's dtype in torch's.
   bitsandbytes' *paged* optimizers put the states of tensors with at least 1e5 elements in CUDA unified
   memory, outside PyTorch's allocator: they count against the card, not against ``max_memory_reserved``.
 * Activations are the tensors autograd saves for backward, per token and per decoder layer (see
-  :func:`layer_activation_bytes`); with gradient checkpointing only each layer's input is kept, and one layer
-  is recomputed at a time during backward.
+  :func:`layer_activation_bytes`, checked against the bytes autograd saves on an H100); with gradient
+  checkpointing only each layer's input is kept, and one layer is recomputed at a time during backward.
 * trl's fused LM head computes the loss in tiles of 4096 tokens x 32768 vocabulary entries, never the whole
-  ``(batch, seq, vocab)`` logits.
+  ``(batch, seq, vocab)`` logits; it is freed before the layers' backward, so the peak holds the larger of
+  the two working sets, not both.
 
-Two numbers are calibrated on an H100 and documented in docs/memory.md: the transient working set of one
-layer's backward, and the CUDA context. ``scripts/measure_memory.py`` measures the matrix that checks them.
+Measured on an H100, not derived: one layer's backward working set (``BACKWARD_WORKSET``), the allocator's
+slack with expandable segments, and the CUDA context. ``scripts/measure_memory.py`` measures the calibration
+matrix they were fitted on and a validation matrix (docs/memory.md: every estimate within 5%).
 """
 
 from __future__ import annotations
@@ -30,10 +34,11 @@ from typing import Any
 
 GIB = 2**30
 
-# Known GPUs: memory a process can use (GiB, as torch.cuda reports the card's total), dense fp16/bf16 tensor
-# peak (TFLOP/s, vendor datasheets, no sparsity) and whether the card computes in bfloat16.
 @dataclass(frozen=True)
 class GPU:
+    """A known GPU: memory a process can use (GiB, about what torch.cuda reports as the card's total), dense
+    fp16/bf16 tensor peak (TFLOP/s, vendor datasheets, no sparsity), and whether it computes in bfloat16."""
+
     name: str
     memory_gib: float
     peak_tflops: float
