@@ -34,8 +34,9 @@ def _quiet_libraries() -> None:
 
 
 def cmd_run(args) -> int:
-    from fx import config, manager, runner
+    from fx import config, manager, memory, runner
 
+    memory.use_expandable_segments()
     if (args.file is None) == (args.resume is None):
         raise UserError("give an experiment file, or --resume RUN_DIR (not both)")
     if args.resume is not None:
@@ -201,6 +202,46 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from fx import config, memory
+
+    exp = config.load(args.file, args.set)
+    fitted = memory.plan_experiment(exp, args.budget)
+    if args.json:
+        out = fitted.summary()
+        out["gpus"] = {k: {"name": g.name, "memory_gib": g.memory_gib, "fits": fitted.plan.total <= g.memory_gib * memory.GIB}
+                       for k, g in memory.GPUS.items()}
+        print(json.dumps(out, indent=2))
+    else:
+        from rich.console import Console
+
+        Console().print(memory.render(fitted))
+    if not fitted.fits:
+        raise UserError(memory.refusal(args.file, fitted))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from fx import bench, config, memory
+
+    memory.use_expandable_segments()
+    if args.compare and args.file is None and args.result is None:
+        raise UserError("--compare needs an experiment file to run or --result with a result to compare")
+    if args.result is not None:
+        result = bench.read_result(args.result)
+    else:
+        exp = config.load(args.file, args.set)
+        _quiet_libraries()
+        result = bench.run(exp, steps=args.steps, warmup=args.warmup, reference=args.reference)
+        bench.report(result)
+        if args.out:
+            bench.write_result(args.out, result)
+            print(f"result written to {args.out}")
+    if args.compare:
+        return bench.compare(bench.read_result(args.compare), result, args.tolerance)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fx", description="Parameter-efficient fine-tuning experiments.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -216,6 +257,27 @@ def parser() -> argparse.ArgumentParser:
     validate.add_argument("files", type=Path, nargs="+")
     validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     validate.set_defaults(func=cmd_validate)
+
+    plan = sub.add_parser("plan", help="estimate peak GPU memory from the model's config alone; check a budget")
+    plan.add_argument("file", type=Path)
+    plan.add_argument("--budget", metavar="GPU|GiB",
+                      help="t4, a10g, l4, a100-40, a100-80, h100 or a number of GiB (default: the file's [budget])")
+    plan.add_argument("--json", action="store_true")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    plan.set_defaults(func=cmd_plan)
+
+    bench = sub.add_parser("bench", help="measure training throughput and memory; compare with a baseline")
+    bench.add_argument("file", type=Path, nargs="?")
+    bench.add_argument("--steps", type=int, default=20, help="measured optimizer steps (default 20)")
+    bench.add_argument("--warmup", type=int, default=3, help="steps run first and not measured (default 3)")
+    bench.add_argument("--out", type=Path, help="write the result as JSON")
+    bench.add_argument("--compare", type=Path, metavar="BASELINE", help="exit 1 if worse than this result")
+    bench.add_argument("--tolerance", type=_percent, default=0.05, help="allowed change, e.g. 5%% (default)")
+    bench.add_argument("--reference", action="store_true",
+                       help="also run the tutorial's plain transformers/peft/trl recipe and report fx's ratio to it")
+    bench.add_argument("--result", type=Path, help="compare this saved result instead of running FILE")
+    bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    bench.set_defaults(func=cmd_bench)
 
     plugins = sub.add_parser("plugins", help="list plugins, their versions, what they register and their hooks")
     plugins.add_argument("--json", action="store_true")
@@ -266,6 +328,16 @@ def parser() -> argparse.ArgumentParser:
     runs.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="two runs, by name in DIR or by path")
     runs.set_defaults(func=cmd_runs)
     return p
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a percentage like 5% or 0.05") from None
+    if not 0 <= value < 10:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

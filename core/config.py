@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fx import manager
 from fx.errors import ConfigError, UserError
@@ -71,6 +71,43 @@ class MergeSettings(Strict):
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
 
 
+class BudgetSettings(Strict):
+    """``[budget]``: the GPU memory a run may use. fx plans before loading, refuses a run that won't fit
+    (``refuse``), or picks the largest micro-batch that fits (``auto``), and caps the CUDA allocator to it."""
+
+    gpu: str | None = None
+    vram_gib: float | None = Field(None, gt=0, le=4096)
+    auto: bool = False
+    refuse: bool = True
+
+    @field_validator("gpu")
+    @classmethod
+    def _known_gpu(cls, gpu: str | None) -> str | None:
+        from fx.memory import GPUS
+
+        if gpu is not None and gpu.lower() not in GPUS:
+            raise ValueError(f"unknown GPU {gpu!r}{did_you_mean(gpu.lower(), set(GPUS))} (one of: {', '.join(GPUS)})")
+        return gpu
+
+    @model_validator(mode="after")
+    def _one_size(self):
+        if self.gpu is not None and self.vram_gib is not None:
+            raise ValueError("set gpu or vram_gib, not both")
+        if self.auto and self.gpu is None and self.vram_gib is None:
+            raise ValueError("auto needs a budget: set gpu or vram_gib")
+        return self
+
+    def gib(self) -> float | None:
+        from fx.memory import budget_gib
+
+        if self.gpu is not None:
+            return budget_gib(self.gpu)
+        return self.vram_gib
+
+    def label(self) -> str:
+        return self.gpu if self.gpu is not None else f"{self.vram_gib:g} GiB"
+
+
 class StagesSettings(Strict):
     evaluate: EvaluateSettings = EvaluateSettings()
     generate: GenerateSettings = GenerateSettings()
@@ -89,7 +126,7 @@ PLUGIN_SECTIONS = {
     "template": ("name", "templates"),
     "method": ("name", "methods"),
 }
-SECTIONS = ("experiment", "model", "data", "template", "method", "trackers", "stages", "checkpoints")
+SECTIONS = ("experiment", "model", "data", "template", "method", "trackers", "stages", "checkpoints", "budget")
 
 
 @dataclass(frozen=True)
@@ -116,7 +153,7 @@ class Experiment:
     checkpoints: CheckpointSettings
     base_dir: Path  # relative paths in the experiment (data files) are relative to this folder
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
-    origin: Path | None = None  # the folder of the experiment file a run's config.toml was resolved from
+    budget: BudgetSettings = field(default_factory=BudgetSettings)
 
     def resolved(self) -> dict[str, Any]:
         """The experiment with every default filled in, as TOML-ready data (no None values)."""
@@ -128,6 +165,8 @@ class Experiment:
         out["trackers"] = {t.name: t.settings.model_dump() for t in self.trackers}
         out["stages"] = self.stages.model_dump()
         out["checkpoints"] = self.checkpoints.model_dump()
+        if self.budget != BudgetSettings():
+            out["budget"] = self.budget.model_dump()
         return _drop_none(out)
 
 
@@ -284,10 +323,12 @@ def from_dict(raw: dict[str, Any], path: Path, base_dir: Path | None = None) -> 
     trackers = _trackers(raw.get("trackers", {"console": {}, "jsonl": {}}), problems)
     stages = _validate(StagesSettings, raw.get("stages", {}), "stages", problems)
     checkpoints = _validate(CheckpointSettings, raw.get("checkpoints", {}), "checkpoints", problems)
+    budget = _validate(BudgetSettings, raw.get("budget", {}), "budget", problems)
     if problems:
         raise ConfigError([f"{path}: {p}" for p in problems])
     base = Path(base_dir) if base_dir is not None else path.resolve().parent
-    return Experiment(path, experiment, model, data, dataset, template, method, trackers, stages, checkpoints, base, raw)
+    return Experiment(path, experiment, model, data, dataset, template, method, trackers, stages, checkpoints, base,
+                      raw, budget)
 
 
 def load(path: str | Path, overrides: list[str] = (), base_dir: Path | None = None) -> Experiment:

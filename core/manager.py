@@ -38,6 +38,7 @@ DEFAULT_PLUGINS = (
     "fx.plugins.trackers.csv",
     "fx.plugins.trackers.tensorboard",
     "fx.plugins.trackers.mlflow",
+    "fx.plugins.datasets.synthetic",
 )
 
 # registry kind -> the register-callback hook that fills it

@@ -46,6 +46,11 @@ class Method:
         """The model, ready to train (quantised, adapters attached)."""
         raise NotImplementedError
 
+    def workload(self, max_length: int, bf16: bool | None = None):
+        """The run's shape for the memory planner (:class:`fx.memory.Workload`), or None when this method
+        can't be planned; ``bf16`` says whether the target GPU computes in bfloat16 (None: this machine's)."""
+        return None
+
     def train(self, model, tokenizer, train_rows: list[dict], eval_rows: list[dict]) -> dict[str, Any]:
         """Train ``model`` in place on tokenized rows; log through ``self.run.log``; return what was measured."""
         raise NotImplementedError

@@ -83,6 +83,7 @@ class Run:
         self.resume_from: Path | None = None  # a checkpoint folder to continue from
         self.resume_step: int | None = None  # the optimizer step that checkpoint holds
         self.stop_signal: int | None = None  # set by SIGINT/SIGTERM: finish the step, checkpoint, stop
+        self.step = 0  # optimizer steps done
         self.batch_tokens: int | None = None  # tokens in the batch being trained on (for OOM reports)
         self.metrics: dict[str, Any] = {}
         self.history: list[tuple[int, dict[str, float]]] = []  # every fx_log call, in order (plots/loss.png)

@@ -157,7 +157,11 @@ def execute(exp: Experiment, plugins, resume: Path | None = None) -> Path:
     """Run the experiment (or continue the run in ``resume``); return the run directory."""
     import torch
 
+    from fx import memory
+
     started = time.perf_counter()
+    fitted = memory.fit(exp)  # refuses a run over its budget before anything is loaded
+    exp = fitted.exp if fitted else exp
     prep = prepare(exp)
     previous: dict[str, Any] = {}
     if resume is None:
@@ -188,8 +192,12 @@ def execute(exp: Experiment, plugins, resume: Path | None = None) -> Path:
     if run.resume_step is not None:
         summary["resumed_from_step"] = run.resume_step
     error: BaseException | None = None
+    cap = None
     try:
         plugins.hook.fx_run_start(run=run)
+        cap = memory.cap_allocator(fitted)
+        if fitted:
+            summary["memory_plan"] = {**fitted.summary(), "allocator_cap_gib": round(cap / memory.GIB, 3) if cap else None}
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         _stages(exp, prep, run, summary, previous)
@@ -254,9 +262,12 @@ def _stages(exp: Experiment, prep: Prepared, run: Run, summary: Summary, previou
             result.update(method.train(model, prep.tokenizer, prep.train.rows, prep.held_out.rows))
         except torch.OutOfMemoryError as exc:
             summary["status"] = "out_of_memory"
+            plan = summary.get("memory_plan") or {}
+            planned = (f"; planned {plan['total_gib']} GiB, allocator cap {plan.get('allocator_cap_gib')} GiB"
+                       if plan else "")
             raise TrainingFailed(
-                f"out of GPU memory at step {summary.get('steps', '?')} on a batch of {run.batch_tokens} tokens "
-                f"(peak {torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved). The last checkpoint is intact: "
+                f"out of GPU memory at step {run.step + 1} on a batch of {run.batch_tokens} tokens "
+                f"(peak {torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved{planned}). The last checkpoint is intact: "
                 f"lower method.micro_batch_size (raise gradient_accumulation_steps to keep the effective batch), "
                 f"turn on method.gradient_checkpointing or shorten data.max_length, then resume with: "
                 f"fx run --resume {run.dir}"

@@ -29,9 +29,12 @@ class ModelSource:
         """A hub id or a local folder that ``from_pretrained`` loads."""
         raise NotImplementedError
 
+    config_origin = ""  # where config() found the config, set by config(); fx plan prints it
+
     def config(self):
         from transformers import AutoConfig
 
+        self.config_origin = self.path()
         return AutoConfig.from_pretrained(self.path(), trust_remote_code=self.trust_remote_code)
 
     def tokenizer(self):

@@ -43,6 +43,7 @@ class QLoraSFT(Method):
         max_grad_norm: float = Field(0.3, gt=0, le=1e6)
         optim: Literal["adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_bnb_8bit"] = "paged_adamw_32bit"
         gradient_checkpointing: bool = True
+        group_by_length: bool = False  # batch rows of similar length: less padding (the tutorial's choice)
         logging_steps: int = Field(1, ge=1, le=10**6)
 
     def quantization_config(self):
@@ -56,30 +57,57 @@ class QLoraSFT(Method):
             bnb_4bit_compute_dtype=compute_dtype(s.compute_dtype),
         )
 
+    def workload(self, max_length: int, bf16: bool | None = None):
+        """The run's shape for the memory planner; ``bf16`` says whether the target GPU computes in bfloat16
+        (None: this machine's GPU), which settles ``compute_dtype = "auto"``."""
+        from fx.memory import Workload
+
+        s = self.settings
+        if s.compute_dtype != "auto":
+            dtype = s.compute_dtype
+        elif bf16 is None:
+            dtype = str(compute_dtype("auto")).removeprefix("torch.") if device() == "cuda" else "bfloat16"
+        else:
+            dtype = "bfloat16" if bf16 else "float16"
+        targets = (s.lora.target_modules,) if isinstance(s.lora.target_modules, str) else tuple(s.lora.target_modules)
+        return Workload(
+            micro_batch=s.micro_batch_size, seq_len=max_length, gradient_checkpointing=s.gradient_checkpointing,
+            lora_r=s.lora.r, lora_targets=targets, lora_dropout=s.lora.dropout, compute_dtype=dtype,
+            quant_type=s.quant_type, double_quant=s.double_quant, optim=s.optim,
+            gradient_accumulation=s.gradient_accumulation_steps,
+            keys={"micro_batch": "method.micro_batch_size", "gradient_accumulation": "method.gradient_accumulation_steps",
+                  "gradient_checkpointing": "method.gradient_checkpointing", "seq_len": "data.max_length",
+                  "lora_r": "method.lora.r"},
+        )
+
     def load_base(self, source):
-        """The base model quantised as this method trains on it, on the GPU when there is one."""
+        """The 4-bit base model, with gradient checkpointing set as configured."""
+        s = self.settings
         model = source.load(
             quantization_config=self.quantization_config(),
-            dtype=compute_dtype(self.settings.compute_dtype),
+            dtype=compute_dtype(s.compute_dtype),
             device_map={"": 0} if device() == "cuda" else {"": "cpu"},
         )
         keep_4bit_layout(model)
-        return model
-
-    def load(self, source, tokenizer):
-        from peft import LoraConfig, get_peft_model
-
-        s = self.settings
-        model = self.load_base(source)
         model.config.use_cache = False
         if s.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
+        return model
+
+    def attach(self, model):
+        """LoRA adapters on ``model`` (a base from :meth:`load_base`)."""
+        from peft import LoraConfig, get_peft_model
+
+        s = self.settings
         lora = LoraConfig(
             r=s.lora.r, lora_alpha=s.lora.alpha, lora_dropout=s.lora.dropout,
             target_modules=s.lora.target_modules, bias="none", task_type="CAUSAL_LM",
         )
         return get_peft_model(model, lora)
+
+    def load(self, source, tokenizer):
+        return self.attach(self.load_base(source))
 
     def trainer_args(self, output_dir: Path, seed: int):
         from trl import SFTConfig
@@ -107,6 +135,7 @@ class QLoraSFT(Method):
             gradient_checkpointing=False,  # set on the model in load(); the trainer must not change it
             logging_steps=s.logging_steps,
             logging_strategy="steps",
+            train_sampling_strategy="group_by_length" if s.group_by_length else "random",
             save_strategy="steps" if self.run.checkpoint_every else "no",
             save_steps=self.run.checkpoint_every or None,
             save_total_limit=self.run.checkpoint_keep,
@@ -124,17 +153,23 @@ class QLoraSFT(Method):
         )
         return SFTConfig(**args)
 
-    def train(self, model, tokenizer, train_rows, eval_rows) -> dict[str, Any]:
+    def trainer(self, model, tokenizer, train_rows, output_dir: Path, seed: int, callbacks=(), **overrides):
+        """trl's SFTTrainer for ``model``; ``overrides`` replace SFTConfig fields (fx bench sets max_steps)."""
+        import dataclasses
+
         import datasets
         from transformers.trainer_callback import PrinterCallback
         from trl import SFTTrainer
 
+        args = self.trainer_args(output_dir, seed)
+        if overrides:
+            args = dataclasses.replace(args, **overrides)
         trainer = SFTTrainer(
             model=model,
-            args=self.trainer_args(self.run.dir / "checkpoints", self.run.config["experiment"]["seed"]),
+            args=args,
             train_dataset=datasets.Dataset.from_list(train_rows),
             processing_class=tokenizer,
-            callbacks=[callback := log_callback(self.run)],
+            callbacks=list(callbacks),
         )
         trainer.remove_callback(PrinterCallback)  # fx's trackers report progress
         keep_adapter_float32(model)
@@ -146,6 +181,12 @@ class QLoraSFT(Method):
             return batch
 
         trainer.data_collator = counting_collator
+        return trainer
+
+    def train(self, model, tokenizer, train_rows, eval_rows) -> dict[str, Any]:
+        callback = log_callback(self.run)
+        trainer = self.trainer(model, tokenizer, train_rows, self.run.dir / "checkpoints",
+                               self.run.config["experiment"]["seed"], callbacks=[callback])
         start = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=str(self.run.resume_from) if self.run.resume_from else None)
         wall = time.perf_counter() - start
@@ -209,6 +250,7 @@ def log_callback(run):
             self.last = (time.perf_counter(), state.num_input_tokens_seen)
 
         def on_step_end(self, args, state, control, **kwargs):
+            run.step = state.global_step
             if state.global_step >= state.max_steps:
                 control.should_save = True  # the final checkpoint, whatever the interval
             if run.stop_signal is not None:  # SIGINT/SIGTERM: checkpoint this step, then stop

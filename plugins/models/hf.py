@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 
 import fx
+from fx.architectures import KNOWN_HUB_NAMES, llama_config
+from fx.errors import UserError
 from fx.sources import ModelSource
 
 
@@ -24,11 +28,27 @@ class HFModel(ModelSource):
         return self.settings.name
 
     def config(self):
+        """The model's config: a local folder or the hub cache first; for a well-known name with neither, the
+        published architecture from fx's table (no network needed); else the hub."""
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(
-            self.settings.name, revision=self.settings.revision, trust_remote_code=self.trust_remote_code
-        )
+        name, kwargs = self.settings.name, dict(revision=self.settings.revision, trust_remote_code=self.trust_remote_code)
+        try:
+            config = AutoConfig.from_pretrained(name, local_files_only=True, **kwargs)
+            self.config_origin = f"{name} ({'local folder' if Path(name).is_dir() else 'hub cache'})"
+            return config
+        except OSError:
+            pass
+        known = KNOWN_HUB_NAMES.get(name.lower())
+        if known is not None:
+            self.config_origin = f"built-in architecture table ({known}, the published config of {name}; not fetched)"
+            return llama_config(known)
+        try:
+            config = AutoConfig.from_pretrained(name, **kwargs)
+        except OSError as exc:
+            raise UserError(f"model.name: cannot read the config of {name!r}: {str(exc).splitlines()[0][:200]}") from None
+        self.config_origin = f"{name} (hub)"
+        return config
 
 
 @fx.hookimpl

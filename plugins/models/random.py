@@ -16,34 +16,8 @@ from typing import Literal
 from pydantic import Field
 
 import fx
+from fx.architectures import ARCHITECTURES, llama_config
 from fx.sources import ModelSource, cache_dir
-
-# The published configurations (hidden, intermediate, layers, heads, kv heads, vocab, context, rope theta, tied).
-ARCHITECTURES = {
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rope_theta=10000.0,
-                      tie_word_embeddings=False),
-    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                       num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096, rope_theta=10000.0,
-                       tie_word_embeddings=False),
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
-                         tie_word_embeddings=True),
-    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=2048, max_position_embeddings=2048, rope_theta=10000.0,
-                 tie_word_embeddings=False),
-}
-
-
-def llama_config(arch: str, **overrides):
-    from transformers import LlamaConfig
-
-    spec = dict(ARCHITECTURES[arch])
-    rope_theta = spec.pop("rope_theta")
-    return LlamaConfig(
-        **spec, rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
-        bos_token_id=1, eos_token_id=2, pad_token_id=2, **overrides
-    )
 
 
 def cut_tokenizer(source: Path, out: Path, vocab_size: int) -> None:
@@ -82,6 +56,7 @@ class RandomModel(ModelSource):
         dtype: Literal["float16", "bfloat16", "float32"] = "float16"
 
     def config(self):
+        self.config_origin = f"built-in architecture table ({self.settings.architecture})"
         return llama_config(self.settings.architecture)
 
     def path(self) -> str:
