@@ -63,6 +63,9 @@ def prepare(exp: Experiment) -> Prepared:
                         f"but method {exp.method.name!r} trains on one answer per row; choose a preference method "
                         "or a dataset of answers")
     source = exp.model.cls(exp.model.settings)
+    problems = source.check()
+    if problems:
+        raise UserError("\n".join(f"{exp.path}: {p}" for p in problems))
     tokenizer = source.tokenizer()
     template = exp.template.cls(exp.template.settings, tokenizer)
     try:
@@ -109,10 +112,10 @@ def load_run(folder: Path) -> Experiment:
     """The experiment a run directory was made from (its resolved ``config.toml``)."""
     from fx import config
 
-    if not (folder / "config.toml").is_file() or not (folder / "run.json").is_file():
-        raise UserError(f"{folder}: not an fx run directory (no config.toml/run.json)")
-    origin = json.loads((folder / "run.json").read_text())
-    return config.load(folder / "config.toml", base_dir=Path(origin["base_dir"]))
+    if not (folder / "config.toml").is_file():
+        raise UserError(f"{folder}: not a run directory (no config.toml); give a folder that `fx run` made")
+    origin = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
+    return config.load(folder / "config.toml", base_dir=Path(origin.get("base_dir", folder)))
 
 
 class Summary(dict):
@@ -266,7 +269,8 @@ def _stages(exp: Experiment, prep: Prepared, run: Run, summary: Summary, previou
             planned = (f"; planned {plan['total_gib']} GiB, allocator cap {plan.get('allocator_cap_gib')} GiB"
                        if plan else "")
             raise TrainingFailed(
-                f"out of GPU memory at step {run.step + 1} on a batch of {run.batch_tokens} tokens "
+                f"out of GPU memory at step {run.step + 1}"
+                + (f" on a batch of {run.batch_tokens} tokens" if run.batch_tokens else "") + " "
                 f"(peak {torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved{planned}). The last checkpoint is intact: "
                 f"lower method.micro_batch_size (raise gradient_accumulation_steps to keep the effective batch), "
                 f"turn on method.gradient_checkpointing or shorten data.max_length, then resume with: "

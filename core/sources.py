@@ -25,6 +25,10 @@ class ModelSource:
     def __init__(self, settings: Settings):
         self.settings = settings
 
+    def check(self) -> list[str]:
+        """Problems found without loading weights (each a line naming the key); checked before a run starts."""
+        return []
+
     def path(self) -> str:
         """A hub id or a local folder that ``from_pretrained`` loads."""
         raise NotImplementedError

@@ -19,7 +19,9 @@ def test_shipped_experiment_validates(path):
     assert exp.experiment.name
     first = path.read_text().lstrip().splitlines()[0]
     assert first.startswith("#"), "each experiment file opens with a comment saying what it does"
-    assert f"fx run experiments/{path.name}" in path.read_text(), "and the exact command that runs it"
+    text = path.read_text()
+    assert f"fx run experiments/{path.name}" in text or f"fx bench experiments/{path.name}" in text, \
+        "and the exact command that runs it"
 
 
 def test_defaults_are_filled_in_the_resolved_config(tiny_experiment):

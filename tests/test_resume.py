@@ -96,4 +96,4 @@ def test_sigterm_writes_a_checkpoint_and_a_summary(experiment, tmp_path):
 
 def test_resume_refuses_a_folder_that_is_not_a_run(tmp_path):
     out = fx("run", "--resume", str(tmp_path))
-    assert out.returncode == 2 and "not an fx run directory" in out.stderr
+    assert out.returncode == 2 and "not a run directory" in out.stderr

@@ -173,7 +173,8 @@ def test_merged_tokenizer_prompts_in_the_run_template(tiny_run):
                     {"role": "user", "content": "And 2 plus 2?"}]
     prompt = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
     assert prompt == template.prompt(conversation)
-    assert prompt.startswith("<s>[INST] <<SYS>>\nAnswer with a number.\n<</SYS>>\n\nWhat is 1 plus 2? [/INST] 3 </s>")
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token  # the tiny model's: the template closes turns with them
+    assert prompt.startswith(f"{bos}[INST] <<SYS>>\nAnswer with a number.\n<</SYS>>\n\nWhat is 1 plus 2? [/INST] 3 {eos}")
 
 
 @pytest.mark.parametrize("cls", [Llama2, Native])
@@ -219,6 +220,7 @@ def test_generate_gives_the_runs_own_answers(tiny_run, capsys):
     args = ["generate", str(folder)] + [a for p in prompts for a in ("--prompt", p)]
     assert cli.main(args) == 0
     out = capsys.readouterr().out.splitlines()
+    answers = ["" if a == "_(empty)_" else a for a in answers]  # samples.md marks an empty answer
     assert out == [line for p, a in zip(prompts, answers) for line in (f"> {p}", a)]
 
 
@@ -233,10 +235,10 @@ def test_chat_keeps_the_conversation_in_the_template(tiny_run, monkeypatch, caps
     streamed = re.findall(r"assistant> (.*)\n", out)
     assert len(prompts) == 2 and len(streamed) == 2
     exp = inference.experiment(folder)
-    template = exp.template.cls(exp.template.settings)
+    template = exp.template.cls(exp.template.settings, exp.model.cls(exp.model.settings).tokenizer())
     first = [{"role": "user", "content": "What is 1 plus 2?"}, {"role": "assistant", "content": streamed[0].strip()}]
     assert prompts[0] == template.prompt(first[:1])
-    assert prompts[1] == template.render(first).text + "<s>[INST] What is 3 plus 1? [/INST]"
+    assert prompts[1] == template.render(first).text + f"{template.bos}[INST] What is 3 plus 1? [/INST]"
 
 
 def test_not_a_run(tmp_path, capsys):

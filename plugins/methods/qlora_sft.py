@@ -116,6 +116,7 @@ class QLoraSFT(Method):
         dtype = compute_dtype(s.compute_dtype)
         on_gpu = device() == "cuda"
         optim = s.optim if on_gpu else "adamw_torch"  # bitsandbytes' paged/8-bit optimizers need a GPU
+        every = self.run.checkpoint_every if self.run else 0
         args = dict(
             output_dir=str(output_dir),
             use_cpu=not on_gpu,
@@ -136,9 +137,9 @@ class QLoraSFT(Method):
             logging_steps=s.logging_steps,
             logging_strategy="steps",
             train_sampling_strategy="group_by_length" if s.group_by_length else "random",
-            save_strategy="steps" if self.run.checkpoint_every else "no",
-            save_steps=self.run.checkpoint_every or None,
-            save_total_limit=self.run.checkpoint_keep,
+            save_strategy="steps" if every else "no",  # fx bench trains without a run: no checkpoints
+            save_steps=every or None,
+            save_total_limit=self.run.checkpoint_keep if self.run else None,
             save_only_model=False,  # optimizer, scheduler and RNG states too: a resumed run continues exactly
             eval_strategy="no",
             report_to="none",
@@ -180,7 +181,8 @@ class QLoraSFT(Method):
             self.run.batch_tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
             return batch
 
-        trainer.data_collator = counting_collator
+        if self.run is not None:
+            trainer.data_collator = counting_collator
         return trainer
 
     def train(self, model, tokenizer, train_rows, eval_rows) -> dict[str, Any]:

@@ -19,6 +19,8 @@ class HFModel(ModelSource):
         name: str = Field(min_length=1, max_length=4096)
         revision: str | None = None
         trust_remote_code: bool = False
+        # pickle (.bin/.pt) weights can run code when loaded: refused unless the experiment says so
+        allow_pickle: bool = False
 
     def __init__(self, settings: Settings):
         super().__init__(settings)
@@ -26,6 +28,29 @@ class HFModel(ModelSource):
 
     def path(self) -> str:
         return self.settings.name
+
+    def check(self) -> list[str]:
+        folder = Path(self.settings.name)
+        if not folder.is_dir() or any(folder.glob("*.safetensors")):
+            return []
+        if not any(folder.glob(pattern) for pattern in ("*.bin", "*.pt", "*.pth")):
+            return [f"model.name: {folder} holds no model weights (*.safetensors)"]
+        if not self.settings.allow_pickle:
+            return [f"model.name: {folder} has only pickle weights (.bin), which can run code when loaded; "
+                    "convert them to safetensors, or set model.allow_pickle = true if you trust them"]
+        return []
+
+    def load(self, **kwargs):
+        folder = Path(self.settings.name)
+        problems = self.check()
+        if problems:
+            raise UserError("\n".join(problems))
+        if folder.is_dir() and not any(folder.glob("*.safetensors")):
+            from transformers import AutoModelForCausalLM
+
+            return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=self.trust_remote_code,
+                                                        use_safetensors=False, **kwargs)
+        return super().load(revision=self.settings.revision, **kwargs)
 
     def config(self):
         """The model's config: a local folder or the hub cache first; for a well-known name with neither, the

@@ -28,9 +28,9 @@ CHAT_TEMPLATE = """\
 {%- if loop.first and system is not none %}
 {%- set user = '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + user %}
 {%- endif %}
-{{- '<s>[INST] ' + user + ' [/INST]' }}
+{{- bos_token + '[INST] ' + user + ' [/INST]' }}
 {%- elif message['role'] == 'assistant' %}
-{{- ' ' + (message['content'] | trim) + ' </s>' }}
+{{- ' ' + (message['content'] | trim) + ' ' + eos_token }}
 {%- else %}
 {{- raise_exception('llama2 has no place for a ' + message['role'] + ' message after the first') }}
 {%- endif %}
