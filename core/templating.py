@@ -74,8 +74,13 @@ class Template:
         raise NotImplementedError
 
     def prompt(self, messages: list[Message]) -> str:
-        """The text a model continues to answer the last user turn of ``messages``."""
-        raise NotImplementedError
+        """The text a model continues to answer the last user turn of ``messages``.
+
+        By default the rendering of the conversation itself, which for a format that opens the answer at the end
+        of the user turn ends exactly where the answer begins; formats that add a generation prefix override it.
+        """
+        ends_with_user(messages)
+        return self.render(messages).text
 
     def parse_text(self, text: str) -> list[Message] | None:
         """A pre-formatted training text split back into a conversation, or None when this template can't."""

@@ -9,7 +9,7 @@ the loss; a further turn opens another ``### Instruction:`` block after a blank 
 from __future__ import annotations
 
 import fx
-from fx.templating import Message, Rendered, Template, ends_with_user
+from fx.templating import Message, Rendered, Template
 
 PREAMBLE = ("Below is an instruction that describes a task. "
             "Write a response that appropriately completes the request.")
@@ -20,7 +20,7 @@ PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an
 class Alpaca(Template):
     description = "Stanford Alpaca: ### Instruction: / ### Input: / ### Response:"
 
-    def _build(self, messages: list[Message]) -> Rendered:
+    def render(self, messages: list[Message]) -> Rendered:
         system, turns = self.split_system(messages)
         if system is None:
             has_input = bool(turns and turns[0]["role"] == "user" and turns[0].get("input"))
@@ -37,13 +37,6 @@ class Alpaca(Template):
                 text += f"{message['content']}{self.eos}"
                 spans.append((start, len(text)))
         return Rendered(text, tuple(spans))
-
-    def render(self, messages: list[Message]) -> Rendered:
-        return self._build(messages)
-
-    def prompt(self, messages: list[Message]) -> str:
-        ends_with_user(messages)
-        return self._build(messages).text
 
 
 @fx.hookimpl

@@ -10,12 +10,12 @@ from __future__ import annotations
 import re
 
 import fx
-from fx.templating import Message, Rendered, Template, content, ends_with_user
+from fx.templating import Message, Rendered, Template, content
 
 TURN = re.compile(r"<s>\s*\[INST\]\s*(.*?)\s*\[/INST\](.*?)(?:</s>|$)", re.S)
 SYS = re.compile(r"^<<SYS>>\n(.*?)\n<</SYS>>\n\n", re.S)
 
-# The same rendering as Llama2._build, for tokenizers saved with a merged model.
+# The same rendering as Llama2.render, for tokenizers saved with a merged model.
 CHAT_TEMPLATE = """\
 {%- set system = none %}
 {%- if messages and messages[0]['role'] == 'system' %}
@@ -41,7 +41,7 @@ CHAT_TEMPLATE = """\
 class Llama2(Template):
     description = "Llama 2 chat: <s>[INST] <<SYS>>...<</SYS>> user [/INST] answer </s>"
 
-    def _build(self, messages: list[Message]) -> Rendered:
+    def render(self, messages: list[Message]) -> Rendered:
         system, turns = self.split_system(messages)
         text, spans = "", []
         for i, message in enumerate(turns):
@@ -55,13 +55,6 @@ class Llama2(Template):
                 text += f" {message['content'].strip()} {self.eos}"
                 spans.append((start, len(text)))
         return Rendered(text, tuple(spans))
-
-    def render(self, messages: list[Message]) -> Rendered:
-        return self._build(messages)
-
-    def prompt(self, messages: list[Message]) -> str:
-        ends_with_user(messages)
-        return self._build(messages).text
 
     def chat_template(self) -> str:
         return self.system_prelude() + CHAT_TEMPLATE

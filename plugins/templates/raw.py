@@ -9,7 +9,7 @@ last user message.
 from __future__ import annotations
 
 import fx
-from fx.templating import Message, Rendered, Template, content, ends_with_user
+from fx.templating import Message, Rendered, Template, content
 
 
 class Raw(Template):
@@ -29,10 +29,6 @@ class Raw(Template):
                 if i + 1 < len(turns):
                     text += "\n"
         return Rendered(text, tuple(spans))
-
-    def prompt(self, messages: list[Message]) -> str:
-        ends_with_user(messages)
-        return self.render(messages).text
 
 
 @fx.hookimpl

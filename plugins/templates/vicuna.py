@@ -8,7 +8,7 @@ carry the loss. ``</s>`` is the tokenizer's end-of-sequence token (Llama's is ex
 from __future__ import annotations
 
 import fx
-from fx.templating import Message, Rendered, Template, content, ends_with_user
+from fx.templating import Message, Rendered, Template, content
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -17,7 +17,7 @@ SYSTEM = ("A chat between a curious user and an artificial intelligence assistan
 class Vicuna(Template):
     description = "Vicuna v1.1: {system} USER: ... ASSISTANT: ...</s>"
 
-    def _build(self, messages: list[Message]) -> Rendered:
+    def render(self, messages: list[Message]) -> Rendered:
         system, turns = self.split_system(messages)
         text, spans = (SYSTEM if system is None else system) + " ", []
         for message in turns:
@@ -28,13 +28,6 @@ class Vicuna(Template):
                 text += f" {message['content']}{self.eos}"
                 spans.append((start, len(text)))
         return Rendered(text, tuple(spans))
-
-    def render(self, messages: list[Message]) -> Rendered:
-        return self._build(messages)
-
-    def prompt(self, messages: list[Message]) -> str:
-        ends_with_user(messages)
-        return self._build(messages).text
 
 
 @fx.hookimpl
