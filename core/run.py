@@ -85,7 +85,6 @@ class Run:
         self.stop_signal: int | None = None  # set by SIGINT/SIGTERM: finish the step, checkpoint, stop
         self.step = 0  # optimizer steps done
         self.batch_tokens: int | None = None  # tokens in the batch being trained on (for OOM reports)
-        self.metrics: dict[str, Any] = {}
         self.history: list[tuple[int, dict[str, float]]] = []  # every fx_log call, in order (plots/loss.png)
 
     def write_setup(self, origin: dict[str, Any]) -> None:

@@ -178,14 +178,14 @@ def execute(exp: Experiment, plugins, resume: Path | None = None) -> Path:
         found = last_checkpoint(folder)
         if found is not None:
             run.resume_from, run.resume_step = found
-    run.write_setup({"experiment_file": str(exp.path.resolve()), "base_dir": str(exp.base_dir),
-                     "created": previous.get("created") or datetime.now().isoformat(timespec="seconds")})
+    created = previous.get("created") or datetime.now().isoformat(timespec="seconds")  # kept across resumptions
+    run.write_setup({"experiment_file": str(exp.path.resolve()), "base_dir": str(exp.base_dir), "created": created})
     length_histogram(prep.train.lengths + prep.held_out.lengths, exp.data.max_length, folder / "lengths.png",
                      f"{exp.experiment.name}: template {exp.template.name!r}")
     hub = TrackerHub({t.name: t.cls(t.settings, run) for t in exp.trackers})
     plugins.pm.register(hub, name=f"fx.trackers.active.{folder.name}")
     summary = Summary(
-        folder / "summary.json", name=run.name, status="running", created=run_created(folder),
+        folder / "summary.json", name=run.name, status="running", created=created,
         started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         model=exp.model.name, method=exp.method.name, template=exp.template.name,
         data={"train_rows": len(prep.train.rows), "eval_rows": len(prep.held_out.rows),
@@ -230,10 +230,6 @@ def execute(exp: Experiment, plugins, resume: Path | None = None) -> Path:
         plugins.pm.unregister(hub)
         shutil.rmtree(folder / "adapter.partial", ignore_errors=True)
     return folder
-
-
-def run_created(folder: Path) -> str:
-    return json.loads((folder / "run.json").read_text())["created"]
 
 
 def _stages(exp: Experiment, prep: Prepared, run: Run, summary: Summary, previous: dict[str, Any]) -> None:

@@ -125,6 +125,7 @@ def resolve(directory: Path, name: str) -> Path:
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"eval_after": {"loss": 1.0}}`` -> ``{"eval_after.loss": 1.0}``."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict):

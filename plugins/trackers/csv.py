@@ -15,6 +15,7 @@ from typing import Any
 
 import fx
 from fx.run import write_atomic
+from fx.runs import flatten
 from fx.tracking import Tracker
 
 
@@ -22,17 +23,6 @@ def _line(values: list[Any]) -> str:
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerow(values)
     return buffer.getvalue()
-
-
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"eval_after": {"loss": 1.0}}`` -> ``{"eval_after.loss": 1.0}``."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 class CsvTracker(Tracker):
