@@ -85,6 +85,7 @@ def step_timer(sync):
         def __init__(self):
             self.times: list[float] = []
             self.tokens: list[int] = []
+            self.losses: list[list[float]] = []  # [step, loss] as the trainer logs them
 
         def on_step_begin(self, args, state, control, **kwargs):
             sync()
@@ -94,6 +95,10 @@ def step_timer(sync):
             sync()
             self.times.append(time.perf_counter() - self._start[0])
             self.tokens.append(int(state.num_input_tokens_seen - self._start[1]))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append([state.global_step, float(logs["loss"])])
 
     return StepTimer()
 
@@ -105,8 +110,8 @@ def flops_per_token(arch, n_lora: int, mean_row: float) -> float:
     return 4 * frozen + 6 * n_lora + 3 * attention
 
 
-def summarise(timer, warmup: int) -> dict[str, Any]:
-    times, tokens = timer.times[warmup:], timer.tokens[warmup:]
+def summarise(timer, warmup: int, end: int | None = None) -> dict[str, Any]:
+    times, tokens = timer.times[warmup:end], timer.tokens[warmup:end]
     if not times:
         raise UserError(f"no measured steps: the run stopped after {len(timer.times)} step(s), at or before the warm-up")
     ordered = sorted(times)
@@ -128,6 +133,7 @@ def summarise(timer, warmup: int) -> dict[str, Any]:
         "step_s_stdev": statistics.stdev(times) if len(times) > 1 else 0.0,
         "step_times_s": [round(t, 5) for t in times],
         "step_tokens": tokens,
+        "losses": timer.losses,
     }
 
 
@@ -141,7 +147,52 @@ def memory_readings(torch) -> dict[str, Any]:
     return out
 
 
-def run(exp, steps: int, warmup: int, reference: bool = False) -> dict[str, Any]:
+def step_profiler(warmup: int, steps: int, out: Path):
+    """A trainer callback profiling ``steps`` optimizer steps after the first ``warmup`` with torch.profiler (fx bench
+    profiles extra steps after the measured ones, so the profiler's overhead stays out of the numbers); writes the
+    operators sorted by their own device time and by their own CPU time, and how busy the GPU was."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepProfiler(TrainerCallback):
+        profiler = None
+        summary: dict[str, Any] = {}
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == warmup and self.profiler is None:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if torch.cuda.is_available():
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                self.profiler = torch.profiler.profile(activities=activities)
+                self.profiler.__enter__()
+                self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.profiler is None or state.global_step != warmup + steps:
+                return
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - self.started
+            self.profiler.__exit__(None, None, None)
+            events = self.profiler.key_averages()
+            # kernels only (an operator's own device time would count its kernels twice)
+            device_us = sum(e.self_device_time_total for e in events
+                            if e.device_type == torch.autograd.DeviceType.CUDA)
+            self.summary = {"profiled_steps": steps, "wall_s": wall, "device_busy_s": device_us / 1e6,
+                            "device_busy": device_us / 1e6 / wall if wall else None}
+            head = (f"{steps} steps after {warmup} warm-up: {wall:.3f} s wall, kernels {device_us / 1e6:.3f} s "
+                    f"({self.summary['device_busy'] or 0:.0%} busy)\n\n")
+            tables = [events.table(sort_by=key, row_limit=40) for key in ("self_device_time_total", "self_cpu_time_total")
+                      if key == "self_cpu_time_total" or torch.cuda.is_available()]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(head + "\n\n".join(tables))
+            print(head.strip(), f"(operator tables in {out})")
+            self.profiler = None
+
+    return StepProfiler()
+
+
+def run(exp, steps: int, warmup: int, reference: bool = False, profile: Path | None = None) -> dict[str, Any]:
     """Benchmark ``exp``'s training loop for ``warmup + steps`` optimizer steps; the result as a dict."""
     import gc
 
@@ -166,14 +217,21 @@ def run(exp, steps: int, warmup: int, reference: bool = False) -> dict[str, Any]
     model = method.load(prep.source, prep.tokenizer)
     load_s = time.perf_counter() - started
     timer = step_timer(sync)
+    callbacks = [timer]
+    profiled = 3 if profile else 0
+    if profile:
+        profiler = step_profiler(warmup + steps, profiled, profile)
+        callbacks.append(profiler)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = method.trainer(model, prep.tokenizer, prep.train.rows, Path(tmp), exp.experiment.seed,
-                                 callbacks=[timer], max_steps=warmup + steps)
+                                 callbacks=callbacks, max_steps=warmup + steps + profiled)
         try:
             trainer.train()
         except torch.OutOfMemoryError as exc:
             raise TrainingFailed(memory.out_of_memory(cap, exc)) from None
-    measured = {**summarise(timer, warmup), **memory_readings(torch), "load_s": load_s}
+    measured = {**summarise(timer, warmup, warmup + steps), **memory_readings(torch), "load_s": load_s}
+    if profile:
+        measured["profile"] = profiler.summary
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     mean_row = statistics.mean(len(r["input_ids"]) for r in prep.train.rows)
     measured["flops_per_token"] = flops_per_token(fitted.plan.arch, n_lora, mean_row)

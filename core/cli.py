@@ -232,7 +232,7 @@ def cmd_bench(args) -> int:
     else:
         exp = config.load(args.file, args.set)
         _quiet_libraries()
-        result = bench.run(exp, steps=args.steps, warmup=args.warmup, reference=args.reference)
+        result = bench.run(exp, steps=args.steps, warmup=args.warmup, reference=args.reference, profile=args.profile)
         bench.report(result)
         if args.out:
             bench.write_result(args.out, result)
@@ -276,6 +276,8 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--reference", action="store_true",
                        help="also run the tutorial's plain transformers/peft/trl recipe and report fx's ratio to it")
     bench.add_argument("--result", type=Path, help="compare this saved result instead of running FILE")
+    bench.add_argument("--profile", type=Path, metavar="FILE",
+                       help="profile the first measured steps with torch.profiler; write the operator table to FILE")
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     bench.set_defaults(func=cmd_bench)
 

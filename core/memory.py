@@ -133,12 +133,24 @@ class Workload:
     double_quant: bool = False
     optim: str = "paged_adamw_32bit"
     gradient_accumulation: int = 1
+    micro_batch_tokens: int = 0             # a token budget per forward/backward (0: micro_batch rows of seq_len)
     # the experiment keys that set each knob, for suggestions a user can paste after --set
     keys: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def tokens(self) -> int:
+        """Tokens in the largest forward/backward: every row at the maximum length, or under a token budget the
+        budget (a row longer than it goes alone), never more than the effective batch holds."""
+        if self.micro_batch_tokens:
+            return min(self.micro_batch * self.gradient_accumulation * self.seq_len,
+                       max(self.micro_batch_tokens, self.seq_len))
         return self.micro_batch * self.seq_len
+
+    @property
+    def shape(self) -> str:
+        if self.micro_batch_tokens:
+            return f"micro-batches of at most {self.tokens} tokens (token budget)"
+        return f"{self.micro_batch} x {self.seq_len} tokens"
 
 
 def dtype_bytes(name: str) -> int:
@@ -342,7 +354,7 @@ def plan(arch: Architecture, work: Workload, config_origin: str = "") -> Plan:
                   + ("kept across accumulation steps" if grads else "rebuilt during backward: not alive at the peak")),
         Component("optimizer states", opt_inside, work.optim + (" (states of small tensors)" if opt_paged else "")),
         Component("activations", saved,
-                  f"kept for backward, {work.micro_batch} x {work.seq_len} tokens, checkpointing "
+                  f"kept for backward, {work.shape}, checkpointing "
                   f"{'on' if ckpt else 'off'} (the other way, with its working set: {other / GIB:.2f} GiB)"),
         Component("backward working set", layer if layer >= loss else 0.0,
                   ("one layer recomputed, its gradient temporaries" if ckpt else "one layer's gradient temporaries")
@@ -579,7 +591,7 @@ def render(fitted: Fitted):
 
     p, w = fitted.plan, fitted.plan.work
     head = Text(f"model config: {p.config_origin}\n"
-                f"workload: micro-batch {w.micro_batch} x {w.seq_len} tokens (accumulation {w.gradient_accumulation}), "
+                f"workload: micro-batch {w.shape} (accumulation {w.gradient_accumulation}), "
                 f"{w.quant_type} with {w.compute_dtype} compute, LoRA r={w.lora_r} on {', '.join(w.lora_targets)}, "
                 f"gradient checkpointing {'on' if w.gradient_checkpointing else 'off'}, {w.optim}")
     table = Table(title="estimated peak GPU memory")

@@ -53,7 +53,7 @@ def run(prep, exp, steps: int, warmup: int, timer) -> dict[str, Any]:
             gradient_accumulation_steps=1,
             optim="paged_adamw_32bit",
             save_strategy="no",
-            logging_steps=25,
+            logging_steps=exp.method.settings.logging_steps,  # 25 in the tutorial and the bench experiment
             learning_rate=2e-4,
             weight_decay=0.001,
             fp16=False,

@@ -6,6 +6,7 @@ Every precision and checkpointing flag is set from fx's own choice, never left t
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +15,7 @@ from pydantic import Field
 
 import fx
 from fx.config import Strict
+from fx.errors import UserError
 from fx.method import Method, compute_dtype, device, keep_4bit_layout
 
 
@@ -45,6 +47,12 @@ class QLoraSFT(Method):
         gradient_checkpointing: bool = True
         group_by_length: bool = False  # batch rows of similar length: less padding (the tutorial's choice)
         logging_steps: int = Field(1, ge=1, le=10**6)
+        # speed (docs/performance.md): each lever measured on its own
+        padding_free: bool = True  # a micro-batch's rows as one sequence, attention kept within each row
+        liger: bool | Literal["auto"] = "auto"  # Liger's fused RMSNorm/RoPE/SwiGLU kernels; auto: on a CUDA GPU
+        micro_batch_tokens: int = Field(0, ge=0, le=10**8)  # token budget per forward/backward; 0: micro_batch_size rows
+        attention: Literal["auto", "sdpa", "varlen"] = "auto"  # auto: varlen FlashAttention for padding-free rows where it exists
+        compile: bool = False  # torch.compile each decoder layer (CUDA only)
 
     def quantization_config(self):
         from transformers import BitsAndBytesConfig
@@ -74,7 +82,7 @@ class QLoraSFT(Method):
             micro_batch=s.micro_batch_size, seq_len=max_length, gradient_checkpointing=s.gradient_checkpointing,
             lora_r=s.lora.r, lora_targets=targets, lora_dropout=s.lora.dropout, compute_dtype=dtype,
             quant_type=s.quant_type, double_quant=s.double_quant, optim=s.optim,
-            gradient_accumulation=s.gradient_accumulation_steps,
+            gradient_accumulation=s.gradient_accumulation_steps, micro_batch_tokens=s.micro_batch_tokens,
             keys={"micro_batch": "method.micro_batch_size", "gradient_accumulation": "method.gradient_accumulation_steps",
                   "gradient_checkpointing": "method.gradient_checkpointing", "seq_len": "data.max_length",
                   "lora_r": "method.lora.r"},
@@ -89,6 +97,8 @@ class QLoraSFT(Method):
             device_map={"": 0} if device() == "cuda" else {"": "cpu"},
         )
         keep_4bit_layout(model)
+        apply_liger(model, s.liger)
+        choose_attention(model, s.attention, s.padding_free)
         model.config.use_cache = False
         if s.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -107,7 +117,10 @@ class QLoraSFT(Method):
         return get_peft_model(model, lora)
 
     def load(self, source, tokenizer):
-        return self.attach(self.load_base(source))
+        model = self.attach(self.load_base(source))
+        if self.settings.compile:
+            compile_layers(model)
+        return model
 
     def trainer_args(self, output_dir: Path, seed: int):
         from trl import SFTConfig
@@ -117,14 +130,17 @@ class QLoraSFT(Method):
         on_gpu = device() == "cuda"
         optim = s.optim if on_gpu else "adamw_torch"  # bitsandbytes' paged/8-bit optimizers need a GPU
         every = self.run.checkpoint_every if self.run else 0
+        # with a token budget the trainer's batch is the whole effective batch, split by fx in training_step
+        rows, accumulation = ((s.micro_batch_size * s.gradient_accumulation_steps, 1) if s.micro_batch_tokens
+                              else (s.micro_batch_size, s.gradient_accumulation_steps))
         args = dict(
             output_dir=str(output_dir),
             use_cpu=not on_gpu,
             seed=seed,
             num_train_epochs=s.epochs,
             max_steps=s.max_steps,
-            per_device_train_batch_size=s.micro_batch_size,
-            gradient_accumulation_steps=s.gradient_accumulation_steps,
+            per_device_train_batch_size=rows,
+            gradient_accumulation_steps=accumulation,
             learning_rate=s.learning_rate,
             lr_scheduler_type=s.lr_scheduler,
             warmup_steps=s.warmup_ratio,  # a value below 1 is a ratio of the total steps
@@ -149,7 +165,7 @@ class QLoraSFT(Method):
             remove_unused_columns=False,
             max_length=None,  # rows arrive tokenized and truncated by fx
             packing=False,
-            padding_free=False,
+            padding_free=s.padding_free,
             dataset_kwargs={"skip_prepare_dataset": True},
         )
         return SFTConfig(**args)
@@ -160,12 +176,12 @@ class QLoraSFT(Method):
 
         import datasets
         from transformers.trainer_callback import PrinterCallback
-        from trl import SFTTrainer
 
         args = self.trainer_args(output_dir, seed)
         if overrides:
             args = dataclasses.replace(args, **overrides)
-        trainer = SFTTrainer(
+        trainer = sft_trainer_class()(
+            micro_batch_tokens=self.settings.micro_batch_tokens,
             model=model,
             args=args,
             train_dataset=datasets.Dataset.from_list(train_rows),
@@ -229,6 +245,131 @@ def keep_adapter_float32(model) -> None:
     for param in model.parameters():
         if param.requires_grad and param.dtype != _torch().float32:
             param.data = param.data.float()
+
+
+def apply_liger(model, choice: bool | str) -> bool:
+    """Liger's Triton kernels for RMSNorm, RoPE and SwiGLU in place of the model's own (fewer, fused launches,
+    fewer saved intermediates); whether they were applied. Its fused linear cross-entropy is left out: trl's fused
+    LM head already scores the answers in tiles without the full logits. ``auto`` applies them on a CUDA GPU when
+    liger-kernel is installed (the ``speed`` extra); ``true`` insists."""
+    if choice is False:
+        return False
+    if device() != "cuda":
+        if choice is True:
+            raise UserError("method.liger = true needs a CUDA GPU (Liger's kernels are Triton); "
+                            'set it to "auto" or false on this machine')
+        return False
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+    except ImportError:
+        if choice is True:
+            raise UserError("method.liger = true needs liger-kernel: pip install 'fx[speed]'") from None
+        return False
+    if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        if choice is True:
+            raise UserError(f"method.liger = true: Liger has no kernels for model type {model.config.model_type!r}")
+        return False
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    return True
+
+
+def choose_attention(model, choice: str, padding_free: bool) -> str:
+    """The attention function for training (fx.attention): varlen FlashAttention for padding-free batches where the
+    GPU has it, else transformers' sdpa with its exact block-diagonal mask; the name in use."""
+    from fx import attention
+
+    if choice == "varlen" and not padding_free:
+        raise UserError("method.attention = \"varlen\" needs method.padding_free = true (padded rows need a mask)")
+    if choice != "sdpa" and padding_free and attention.use_varlen(model):
+        return attention.NAME
+    if choice == "varlen":
+        raise UserError("method.attention = \"varlen\" needs a CUDA GPU of compute capability 8.0 or newer and "
+                        "PyTorch's torch.nn.attention.varlen; \"auto\" falls back to sdpa")
+    return model.config._attn_implementation
+
+
+def compile_layers(model) -> None:
+    """torch.compile every decoder layer in place (regional compilation: the layers share one compiled graph, so
+    compiling takes one layer's time; shapes are dynamic, since padding-free batches change length every step)."""
+    if device() != "cuda":
+        raise UserError("method.compile = true needs a CUDA GPU")
+    import torch
+
+    for module in model.modules():
+        if type(module).__name__.endswith("DecoderLayer"):
+            module.compile(dynamic=True)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+
+
+def split_micro_batches(batch: dict[str, Any], budget: int) -> list[dict[str, Any]]:
+    """A collated batch cut, between whole rows, into micro-batches of at most ``budget`` tokens (a row longer
+    than the budget goes alone). Padded rows (``attention_mask``) are grouped so that rows x the group's longest
+    row fits, and each group loses the padding it no longer needs; a padding-free batch (one packed row with
+    ``position_ids`` restarting at 0 for each sequence) is cut at sequence starts."""
+    import torch
+
+    def groups(lengths: list[int], cost) -> list[tuple[int, int]]:
+        out, start = [], 0
+        for end in range(1, len(lengths) + 1):
+            if end - start > 1 and cost(lengths[start:end]) > budget:
+                out.append((start, end - 1))
+                start = end - 1
+        return out + [(start, len(lengths))]
+
+    if "attention_mask" in batch:
+        lengths = batch["attention_mask"].sum(1).tolist()
+        parts = []
+        for a, b in groups(lengths, lambda ls: len(ls) * max(ls)):
+            width = max(lengths[a:b])
+            parts.append({k: v[a:b, :width] if isinstance(v, torch.Tensor) and v.dim() == 2 else v
+                          for k, v in batch.items()})
+        return parts
+    positions = batch["position_ids"][0]
+    starts = (positions == 0).nonzero().flatten().tolist() + [positions.numel()]
+    lengths = [b - a for a, b in zip(starts, starts[1:])]
+    parts = []
+    for a, b in groups(lengths, sum):
+        lo, hi = starts[a], starts[b]
+        part = {k: batch[k][:, lo:hi] for k in ("input_ids", "labels", "position_ids")}
+        if "cu_seq_lens_q" in batch:  # the varlen kernels' sequence boundaries, as trl's collator gives them
+            cu = torch.tensor([s - lo for s in starts[a:b + 1]], dtype=torch.int32, device=positions.device)
+            part["cu_seq_lens_q"] = part["cu_seq_lens_k"] = cu
+            part["max_length_q"] = part["max_length_k"] = max(lengths[a:b])
+        if "seq_idx" in batch:
+            part["seq_idx"] = batch["seq_idx"][:, lo:hi] - batch["seq_idx"][0, lo]
+        parts.append(part)
+    return parts
+
+
+@functools.cache
+def sft_trainer_class():
+    """trl's SFTTrainer with fx's token-budget micro-batching, and padding-free batches' tokens counted right."""
+    from trl import SFTTrainer
+
+    class FxSFTTrainer(SFTTrainer):
+        def __init__(self, *args, micro_batch_tokens: int = 0, **kwargs):
+            self.micro_batch_tokens = micro_batch_tokens
+            super().__init__(*args, **kwargs)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            """With a token budget, the batch is the whole effective batch: forward and backward each micro-batch,
+            every loss divided by the batch's answer-token count, so the summed gradient is the full batch's mean
+            (what gradient accumulation computes), whatever the split."""
+            parts = split_micro_batches(inputs, self.micro_batch_tokens) if self.micro_batch_tokens else [inputs]
+            if len(parts) == 1:
+                return super().training_step(model, inputs, num_items_in_batch)
+            total = (inputs["labels"][:, 1:] != -100).sum()  # positions whose next token is scored
+            return sum(super(FxSFTTrainer, self).training_step(model, part, total) for part in parts)
+
+        def _track_num_input_tokens(self, inputs):
+            """A padding-free batch has no padding and no attention mask: every token is real. (The trainer would
+            count tokens unequal to the pad token, missing each row's EOS when the pad token is the EOS.)"""
+            if "attention_mask" in inputs or "position_ids" not in inputs or self.args.include_num_input_tokens_seen == "no":
+                return super()._track_num_input_tokens(inputs)
+            self.state.num_input_tokens_seen += int(inputs["input_ids"].numel())
+
+    return FxSFTTrainer
 
 
 def _torch():
