@@ -68,7 +68,16 @@ def workload_config(resolved: dict[str, Any]) -> dict[str, Any]:
     for section, keys in EXECUTION_KEYS.items():
         for key in keys:
             out.get(section, {}).pop(key, None)
+    for key in method_execution_keys(method.get("name")):
+        method.pop(key, None)
     return out
+
+
+def method_execution_keys(name: str | None) -> tuple[str, ...]:
+    from fx import manager
+
+    methods = manager.get().registries["methods"]
+    return methods[name].cls.execution_keys if name in methods else ()
 
 
 def hardware_key(hardware: dict[str, Any]) -> str:

@@ -40,9 +40,7 @@ def cmd_run(args) -> int:
     if (args.file is None) == (args.resume is None):
         raise UserError("give an experiment file, or --resume RUN_DIR (not both)")
     if args.resume is not None:
-        if args.set:
-            raise UserError("--set can't change a run being resumed; start a new run instead")
-        exp = runner.load_run(args.resume)
+        exp = runner.load_run(args.resume, args.set)
     else:
         exp = config.load(args.file, args.set)
     _quiet_libraries()

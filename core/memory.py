@@ -453,6 +453,29 @@ def allocator_fraction(plan_: Plan, budget_bytes: float, device_total: float) ->
     return max(cap, 0.0) / device_total
 
 
+def token_budget_within(fitted: Fitted, cap: float | None, margin: float = 0.9) -> int | None:
+    """After an out-of-memory error: the largest token budget per micro-batch (a multiple of 256) whose plan fits
+    within ``margin`` of the allocator cap (else of the budget, else of this card), and at most half of what the
+    failed micro-batch could hold; None when not even one row of the maximum length fits."""
+    import torch
+
+    work, arch = fitted.plan.work, fitted.plan.arch
+    if cap:
+        limit, key = cap * margin, "reserved"
+    elif fitted.budget_bytes:
+        limit, key = fitted.budget_bytes * margin, "total"
+    elif torch.cuda.is_available():
+        limit, key = torch.cuda.get_device_properties(0).total_memory * margin, "total"
+    else:
+        return None
+    best = None
+    for tokens in [work.seq_len, *range(256 * (work.seq_len // 256 + 1), work.tokens // 2 + 1, 256)]:
+        if getattr(plan(arch, replace(work, micro_batch_tokens=tokens)), key) > limit:
+            break
+        best = tokens
+    return best
+
+
 def fmt_gib(value: float) -> str:
     return f"{value / GIB:.2f} GiB"
 

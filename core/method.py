@@ -34,6 +34,9 @@ class Method:
 
     description = ""
     preference = False  # True for a method that trains on preference rows (Example.chosen / Example.rejected)
+    # settings that change how a step executes (speed, memory), never what it computes: `fx bench --compare`
+    # ignores them and `fx run --resume` may change them (after an out-of-memory error, say)
+    execution_keys: tuple[str, ...] = ()
 
     class Settings(Strict):
         pass

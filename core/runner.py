@@ -108,14 +108,28 @@ def last_checkpoint(folder: Path) -> tuple[Path, int] | None:
     return ckpt, step
 
 
-def load_run(folder: Path) -> Experiment:
-    """The experiment a run directory was made from (its resolved ``config.toml``)."""
+def load_run(folder: Path, overrides: list[str] = ()) -> Experiment:
+    """The experiment a run directory was made from (its resolved ``config.toml``). ``overrides`` (``--set``) may
+    change only how the run executes: the budget and the method's execution keys (a token budget after an
+    out-of-memory error, say), never what it computes, so the resumed run continues the same training."""
     from fx import config
+    from fx.bench import config_diff
 
     if not (folder / "config.toml").is_file():
         raise UserError(f"{folder}: not a run directory (no config.toml); give a folder that `fx run` made")
     origin = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
-    return config.load(folder / "config.toml", base_dir=Path(origin.get("base_dir", folder)))
+    base_dir = Path(origin.get("base_dir", folder))
+    exp = config.load(folder / "config.toml", base_dir=base_dir)
+    if not overrides:
+        return exp
+    changed = config.load(folder / "config.toml", overrides, base_dir=base_dir)
+    allowed = ["budget.*", *(f"method.{key}" for key in exp.method.cls.execution_keys)]
+    refused = [d.split(":")[0] for d in config_diff(exp.resolved(), changed.resolved())
+               if not (d.startswith("budget.") or d.split(":")[0] in allowed)]
+    if refused:
+        raise UserError(f"--set can't change {', '.join(refused)} of a run being resumed (it would train something "
+                        f"else); a resumed run may change only {', '.join(allowed)}. Start a new run instead")
+    return changed
 
 
 class Summary(dict):
@@ -264,13 +278,16 @@ def _stages(exp: Experiment, prep: Prepared, run: Run, summary: Summary, previou
             plan = summary.get("memory_plan") or {}
             planned = (f"; planned {plan['total_gib']} GiB, allocator cap {plan.get('allocator_cap_gib')} GiB"
                        if plan else "")
+            tokens = memory.token_budget_within(fitted, cap) if fitted else None
+            change = (f"--set method.micro_batch_tokens={tokens}" if tokens and "micro_batch_tokens" in
+                      exp.method.cls.execution_keys else "--set budget.vram_gib=<more>")
             raise TrainingFailed(
                 f"out of GPU memory at step {run.step + 1}"
                 + (f" on a batch of {run.batch_tokens} tokens" if run.batch_tokens else "") + " "
-                f"(peak {torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved{planned}). The last checkpoint is intact: "
-                f"lower method.micro_batch_size (raise gradient_accumulation_steps to keep the effective batch), "
-                f"turn on method.gradient_checkpointing or shorten data.max_length, then resume with: "
-                f"fx run --resume {run.dir}"
+                f"(peak {torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved{planned}). The last checkpoint "
+                f"({'step ' + str(last[1]) if (last := last_checkpoint(run.dir)) else 'none yet'}) is intact. "
+                f"Continue the same training in micro-batches the plan says fit (same effective batch, same "
+                f"gradient): fx run --resume {run.dir} {change}"
             ) from exc
     summary.update(result)
     summary.write()

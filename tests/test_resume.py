@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_EXPERIMENT, TINY_ROWS
+from conftest import TINY_EXPERIMENT, TINY_ROWS, gpu
 
 SETS = ["--set", "checkpoints.every_steps=4", "--set", "stages.generate.enabled=false"]
 
@@ -93,7 +93,105 @@ def test_sigterm_writes_a_checkpoint_and_a_summary(experiment, tmp_path):
     assert step == summary["steps"]
     assert (checkpoint / "optimizer.pt").is_file() and (checkpoint / "rng_state.pth").is_file()
 
+    # a resumed run may change how it executes (a token budget after an OOM), never what it trains
+    refused = fx("run", "--resume", str(folder), "--set", "method.learning_rate=0.5")
+    assert refused.returncode == 2 and "can't change method.learning_rate" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    resumed = fx("run", "--resume", str(folder), "--set", "method.micro_batch_tokens=64")
+    assert resumed.returncode == 0, resumed.stderr
+    assert train_steps(folder) == list(range(1, 13))
+    assert "micro_batch_tokens = 64" in (folder / "config.toml").read_text()
+
 
 def test_resume_refuses_a_folder_that_is_not_a_run(tmp_path):
     out = fx("run", "--resume", str(tmp_path))
     assert out.returncode == 2 and "not a run directory" in out.stderr
+
+
+OOM_EXPERIMENT = """
+[experiment]
+name = "oom"
+seed = 0
+output_dir = "{out}"
+
+[model]
+source = "random"
+architecture = "smollm2-135m"
+dtype = "float16"
+
+[data]
+source = "file"
+path = "rows.jsonl"
+eval_fraction = 0.0
+max_length = 2048
+
+[template]
+name = "llama2"
+
+[method]
+name = "qlora_sft"
+compute_dtype = "float16"
+max_steps = 8
+micro_batch_size = 2
+optim = "adamw_torch"
+gradient_checkpointing = false
+warmup_ratio = 0.0
+
+[method.lora]
+r = 8
+target_modules = ["q_proj", "v_proj"]
+
+[checkpoints]
+every_steps = 1
+
+[budget]
+vram_gib = {vram}
+refuse = false
+
+[trackers.jsonl]
+
+[stages.evaluate]
+enabled = false
+
+[stages.generate]
+enabled = false
+"""
+
+
+@gpu
+def test_out_of_memory_on_a_gpu_names_the_step_and_resumes_with_a_token_budget(write_experiment, tmp_path):
+    """Every micro-batch holds two ~1,900-token rows. The run checkpoints a few steps, is stopped, and is resumed
+    under an allocator cap set between the plans for one such row and for two: the next step runs out of memory,
+    and the message names the step, the batch's tokens, the plan and a token budget to resume with, the checkpoint
+    before it intact. Resuming with that budget (each row alone) finishes the same training, each step logged once."""
+    from fx import config, memory
+    from fx.runner import last_checkpoint
+
+    rows = [{"messages": [{"role": "user", "content": f"Recite {k}."}, {"role": "assistant", "content": "la " * 1900}]}
+            for k in range(16)]
+    path = write_experiment(OOM_EXPERIMENT.replace("{vram}", "80.0"), rows)
+    one = memory.plan_experiment(config.load(path, ["method.micro_batch_tokens=2048"])).plan
+    two = memory.plan_experiment(config.load(path)).plan
+    cap = (one.reserved / 0.9 + two.reserved) / 2  # the suggested budget fits at 90% of the cap; two rows do not
+    assert one.reserved / 0.9 < cap < two.reserved
+    vram = f"budget.vram_gib={(cap + two.outside_allocator) / 2**30:.4f}"
+
+    proc = start(path, "--set", f"experiment.output_dir={tmp_path / 'runs'}")
+    folder = wait_for_step(tmp_path / "runs", 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=300)
+    _, done = last_checkpoint(folder)
+
+    failed = fx("run", "--resume", str(folder), "--set", vram)
+    message = failed.stderr
+    assert failed.returncode == 1, message
+    assert "Traceback" not in message
+    assert f"out of GPU memory at step {done + 1} on a batch of" in message and "planned" in message
+    assert f"(step {done}) is intact" in message and last_checkpoint(folder)[1] == done
+    suggested = message.split(f"fx run --resume {folder} ")[1].split()[:2]
+    assert suggested[0] == "--set" and suggested[1].startswith("method.micro_batch_tokens=")
+
+    resumed = fx("run", "--resume", str(folder), *suggested)
+    assert resumed.returncode == 0, resumed.stderr
+    assert train_steps(folder) == list(range(1, 9))
+    assert json.loads((folder / "summary.json").read_text())["status"] == "completed"

@@ -28,6 +28,8 @@ class LoraSettings(Strict):
 
 class QLoraSFT(Method):
     description = "4-bit NF4 base + LoRA adapters, supervised fine-tuning (trl SFTTrainer), loss on answers only"
+    execution_keys = ("micro_batch_tokens", "gradient_checkpointing", "padding_free", "liger", "attention", "compile",
+                      "logging_steps")
 
     class Settings(Strict):
         lora: LoraSettings = LoraSettings()
@@ -49,10 +51,10 @@ class QLoraSFT(Method):
         logging_steps: int = Field(1, ge=1, le=10**6)
         # speed (docs/performance.md): each lever measured on its own
         padding_free: bool = True  # a micro-batch's rows as one sequence, attention kept within each row
-        liger: bool | Literal["auto"] = "auto"  # Liger's fused RMSNorm/RoPE/SwiGLU kernels; auto: on a CUDA GPU
+        liger: bool | Literal["auto"] = "auto"  # Liger's fused RMSNorm/RoPE/SwiGLU kernels; auto: on a CUDA GPU, not compiled
         micro_batch_tokens: int = Field(0, ge=0, le=10**8)  # token budget per forward/backward; 0: micro_batch_size rows
         attention: Literal["auto", "sdpa", "varlen"] = "auto"  # auto: varlen FlashAttention for padding-free rows where it exists
-        compile: bool = False  # torch.compile each decoder layer (CUDA only)
+        compile: bool = False  # torch.compile each decoder layer (CUDA only; the fastest measured, ~1.5 min to compile)
 
     def quantization_config(self):
         from transformers import BitsAndBytesConfig
@@ -97,7 +99,10 @@ class QLoraSFT(Method):
             device_map={"": 0} if device() == "cuda" else {"": "cpu"},
         )
         keep_4bit_layout(model)
-        apply_liger(model, s.liger)
+        if s.compile and s.liger is True:
+            raise UserError("method.liger = true and method.compile = true don't go together (torch.compile can't trace "
+                            "Liger's kernels; it fuses the same operations itself): set one of them to false")
+        apply_liger(model, False if s.compile else s.liger)
         choose_attention(model, s.attention, s.padding_free)
         model.config.use_cache = False
         if s.gradient_checkpointing:
