@@ -614,7 +614,7 @@ def render(fitted: Fitted):
 
     p, w = fitted.plan, fitted.plan.work
     head = Text(f"model config: {p.config_origin}\n"
-                f"workload: micro-batch {w.shape} (accumulation {w.gradient_accumulation}), "
+                f"workload: {w.shape if w.micro_batch_tokens else 'micro-batch ' + w.shape} (accumulation {w.gradient_accumulation}), "
                 f"{w.quant_type} with {w.compute_dtype} compute, LoRA r={w.lora_r} on {', '.join(w.lora_targets)}, "
                 f"gradient checkpointing {'on' if w.gradient_checkpointing else 'off'}, {w.optim}")
     table = Table(title="estimated peak GPU memory")
