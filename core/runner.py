@@ -217,7 +217,7 @@ def execute(exp: Experiment, plugins, resume: Path | None = None) -> Path:
             summary["memory_plan"] = {**fitted.summary(), "allocator_cap_gib": round(cap / memory.GIB, 3) if cap else None}
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        _stages(exp, prep, run, summary, previous)
+        _stages(exp, prep, run, summary, previous, fitted, cap)
         summary["status"] = "completed"
     except BaseException as exc:
         error = exc
@@ -246,7 +246,8 @@ def execute(exp: Experiment, plugins, resume: Path | None = None) -> Path:
     return folder
 
 
-def _stages(exp: Experiment, prep: Prepared, run: Run, summary: Summary, previous: dict[str, Any]) -> None:
+def _stages(exp: Experiment, prep: Prepared, run: Run, summary: Summary, previous: dict[str, Any],
+            fitted=None, cap: float | None = None) -> None:
     import torch
 
     from transformers import set_seed
@@ -278,16 +279,23 @@ def _stages(exp: Experiment, prep: Prepared, run: Run, summary: Summary, previou
             plan = summary.get("memory_plan") or {}
             planned = (f"; planned {plan['total_gib']} GiB, allocator cap {plan.get('allocator_cap_gib')} GiB"
                        if plan else "")
+            from fx import memory
+
             tokens = memory.token_budget_within(fitted, cap) if fitted else None
-            change = (f"--set method.micro_batch_tokens={tokens}" if tokens and "micro_batch_tokens" in
-                      exp.method.cls.execution_keys else "--set budget.vram_gib=<more>")
+            last = last_checkpoint(run.dir)
+            if tokens and "micro_batch_tokens" in exp.method.cls.execution_keys:
+                advice = (f"Continue the same training (same effective batch, same gradient) in passes of at most "
+                          f"{tokens} tokens, which the plan fits: fx run --resume {run.dir} "
+                          f"--set method.micro_batch_tokens={tokens}")
+            else:
+                advice = (f"The plan fits no smaller pass here: resume with checkpointing on or more memory "
+                          f"(fx run --resume {run.dir} --set method.gradient_checkpointing=true, or "
+                          f"--set budget.vram_gib=<GiB>), or shorten data.max_length in a new run")
             raise TrainingFailed(
                 f"out of GPU memory at step {run.step + 1}"
                 + (f" on a batch of {run.batch_tokens} tokens" if run.batch_tokens else "") + " "
                 f"(peak {torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved{planned}). The last checkpoint "
-                f"({'step ' + str(last[1]) if (last := last_checkpoint(run.dir)) else 'none yet'}) is intact. "
-                f"Continue the same training in micro-batches the plan says fit (same effective batch, same "
-                f"gradient): fx run --resume {run.dir} {change}"
+                f"({'step ' + str(last[1]) if last else 'none yet'}) is intact. {advice}"
             ) from exc
     summary.update(result)
     summary.write()
