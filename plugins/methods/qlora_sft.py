@@ -394,6 +394,7 @@ def log_callback(run):
 
         def on_train_begin(self, args, state, control, **kwargs):
             run.max_steps = state.max_steps
+            run.step = state.global_step  # a resumed run starts at its checkpoint's step
             self.tokens_at_start = state.num_input_tokens_seen
             self.last = (time.perf_counter(), state.num_input_tokens_seen)
 
