@@ -140,8 +140,7 @@ def test_init_adapter_starts_from_an_sft_run_and_keeps_it_as_the_reference(write
     sft = config.load(write_experiment(TINY_EXPERIMENT, TINY_ROWS, name="sft.toml"),
                       ["method.max_steps=2", "stages.evaluate.enabled=false", "stages.generate.enabled=false"])
     sft_run = runner.execute(sft, manager.get())
-    path = dpo_experiment(write_experiment, f'init_adapter = "{sft_run}"\nlearning_rate = 0.05')
-    exp = config.load(path)
+    exp = config.load(dpo_experiment(write_experiment), [f'method.init_adapter="{sft_run}"', "method.learning_rate=0.05"])
     prep, method, model, trainer = trained_by_bench_api(exp, steps=2)
     saved = load_file(str(sft_run / "adapter" / "adapter_model.safetensors"))
     ref = {n: p for n, p in model.named_parameters() if ".ref." in n}
@@ -158,9 +157,9 @@ def test_init_adapter_starts_from_an_sft_run_and_keeps_it_as_the_reference(write
         policy = model(input_ids=ids).logits
     assert torch.allclose(reference, sft_logits, atol=1e-5)  # the reference is the SFT policy, unchanged
     assert not torch.allclose(policy, sft_logits, atol=1e-4)  # the policy started there and moved
-    for name, tensor in saved.items():  # the SFT weights sit under the name "ref"
-        key = next(n for n in ref if n.replace(".ref.", ".").replace("base_model.model.", "") in name)
-        assert torch.equal(ref[key].detach().cpu().to(tensor.dtype), tensor)
+    assert len(saved) == len(ref)
+    for name, tensor in saved.items():  # the SFT weights sit unchanged under the name "ref"
+        assert torch.equal(ref[name.replace(".weight", ".ref.weight")].detach().to(tensor.dtype), tensor)
 
 
 def test_init_adapter_that_is_not_a_run_is_refused_before_anything_runs(write_experiment, tmp_path, capsys):
@@ -227,3 +226,15 @@ def test_synthetic_preference_rows():
     words = [len(r["chosen"].split()) for r in rows]
     assert 40 < sum(words) / len(words) < 80
     assert any(r["chosen"] != r["rejected"] for r in rows)
+
+
+def test_fx_bench_measures_a_dpo_experiment(write_experiment, tmp_path, capsys):
+    path = dpo_experiment(write_experiment)
+    out = tmp_path / "result.json"
+    assert main(["bench", str(path), "--steps", "2", "--warmup", "1", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    r = data["results"]
+    assert r["measured_steps"] == 2 and r["tokens"] == sum(r["step_tokens"]) > 0
+    assert data["plan"]["workload"]["sequences"] == 2 and data["plan"]["workload"]["reference_forward"]
+    assert main(["bench", str(path), "--reference", "--steps", "1"]) == 2
+    assert "preference pairs" in capsys.readouterr().err
