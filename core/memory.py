@@ -21,6 +21,10 @@ gradient checkpointing). Each formula follows what the libraries fx trains with 
   ``(batch, seq, vocab)`` logits; it is freed before the layers' backward, so the peak holds the larger of
   the two working sets, not both.
 
+* Preference training (DPO) puts the chosen and the rejected answer of each pair through one forward (twice the
+  sequences), and runs a no-grad reference forward of that batch (the adapter off) while the policy's activations
+  wait for backward; its working set competes with the backward and loss working sets for the peak.
+
 Measured on an H100, not derived: one layer's backward working set (``BACKWARD_WORKSET``), the allocator's
 slack with expandable segments, and the CUDA context. ``scripts/measure_memory.py`` measures the calibration
 matrix they were fitted on and a validation matrix (docs/memory.md: every estimate within 5%).
