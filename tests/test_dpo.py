@@ -236,3 +236,10 @@ def test_fx_bench_measures_a_dpo_experiment(write_experiment, tmp_path, capsys):
     assert data["plan"]["workload"]["sequences"] == 2 and data["plan"]["workload"]["reference_forward"]
     assert main(["bench", str(path), "--reference", "--steps", "1"]) == 2
     assert "preference pairs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("assignment", ["method.padding_free=true", "method.micro_batch_tokens=256"])
+def test_sft_only_speed_levers_are_refused_for_dpo(write_experiment, capsys, assignment):
+    path = dpo_experiment(write_experiment)
+    assert main(["plan", str(path), "--set", assignment]) == 2
+    assert assignment.split("=")[0].removeprefix("method.") in capsys.readouterr().err

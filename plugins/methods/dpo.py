@@ -34,9 +34,13 @@ class DPO(QLoraSFT):
     description = ("4-bit NF4 base + LoRA adapters, direct preference optimisation (trl DPOTrainer) against the base "
                    "with the adapter off, or against an SFT run's adapter (init_adapter)")
     preference = True
+    # trl 1.16's DPOTrainer pads its batches and keeps each pair whole: no padding-free rows, no token budget
+    execution_keys = tuple(k for k in QLoraSFT.execution_keys if k not in ("padding_free", "micro_batch_tokens"))
 
     class Settings(QLoraSFT.Settings):
         learning_rate: float = Field(5e-5, gt=0, le=1)
+        padding_free: bool = False
+        micro_batch_tokens: int = Field(0, ge=0, le=10**8)
         beta: float = Field(0.1, gt=0, le=1000)  # how far the policy may move from the reference (higher: less)
         loss_type: Literal[LOSS_TYPES] = "sigmoid"
         label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # robust DPO's flip probability, EXO's epsilon
@@ -45,9 +49,15 @@ class DPO(QLoraSFT):
         init_adapter: str | None = Field(None, min_length=1, max_length=4096)  # a finished fx run, or its adapter/
 
         @model_validator(mode="after")
-        def _exo_needs_smoothing(self):
+        def _supported(self):
             if self.loss_type == "exo_pair" and self.label_smoothing == 0:
                 raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (the EXO paper uses 1e-3)")
+            if self.padding_free:
+                raise ValueError("padding_free = true is not available for DPO (trl 1.16's DPOTrainer pads its "
+                                 "batches); leave it out")
+            if self.micro_batch_tokens:
+                raise ValueError("micro_batch_tokens (a token budget) splits SFT batches; DPO keeps each pair in "
+                                 "one forward: set micro_batch_size instead")
             return self
 
     # -- settings that need the file system ------------------------------------------------------------------------
@@ -98,12 +108,18 @@ class DPO(QLoraSFT):
 
     def load(self, source, tokenizer):
         """The 4-bit base with a fresh adapter, or with ``init_adapter``'s adapter, trainable."""
+        from fx.plugins.methods.qlora_sft import compile_layers
+
         folder = self.init_folder()
         if folder is None:
-            return self.attach(self.load_base(source))
-        from peft import PeftModel
+            model = self.attach(self.load_base(source))
+        else:
+            from peft import PeftModel
 
-        return PeftModel.from_pretrained(self.load_base(source), folder, is_trainable=True)
+            model = PeftModel.from_pretrained(self.load_base(source), folder, is_trainable=True)
+        if self.settings.compile:
+            compile_layers(model)
+        return model
 
     def reference(self, model):
         """A context in which ``model`` computes as DPO's reference: the ``ref`` adapter where trl made one (training
