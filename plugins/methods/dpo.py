@@ -9,7 +9,9 @@ reference pass. The base is still loaded once; only the small adapter exists twi
 
 Every precision and checkpointing flag comes from ``qlora_sft``'s own choices (``trainer_args``), never from trl's
 defaults (bf16 and gradient checkpointing, measured ~20x slower on a CPU). trl switches dropout off in DPO, so the
-policy and the reference see the same network; the planner counts LoRA without dropout accordingly.
+policy and the reference see the same network; the planner counts LoRA without dropout accordingly. Of
+``qlora_sft``'s speed levers, Liger kernels, the attention choice and ``compile`` carry over (they act on the model);
+padding-free rows and token budgets don't (trl 1.16's DPOTrainer pads its batches and keeps each pair whole).
 """
 
 from __future__ import annotations
