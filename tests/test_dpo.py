@@ -204,6 +204,11 @@ def test_plan_counts_both_answers_and_the_reference_forward(write_experiment):
     assert dpo_plan.total > sft_plan.total
     names = {c.name for c in dpo_plan.components}
     assert "reference forward" in names and "reference forward" not in {c.name for c in sft_plan.components}
+    from dataclasses import replace
+
+    from_sft = memory.plan(dpo_plan.arch, replace(dpo_plan.work, reference_adapter=True))
+    n_lora, _ = memory.lora_params(dpo_plan.arch, dpo_plan.work)
+    assert from_sft.total - dpo_plan.total == pytest.approx(n_lora * 4)  # a frozen fp32 copy
 
 
 def test_fx_plan_gives_the_dpo_bench_a_t4_verdict(capsys):
