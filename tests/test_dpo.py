@@ -248,3 +248,35 @@ def test_sft_only_speed_levers_are_refused_for_dpo(write_experiment, capsys, ass
     path = dpo_experiment(write_experiment)
     assert main(["plan", str(path), "--set", assignment]) == 2
     assert assignment.split("=")[0].removeprefix("method.") in capsys.readouterr().err
+
+
+def test_an_interrupted_dpo_run_resumes_to_the_uninterrupted_result(write_experiment, tmp_path, register_plugin):
+    import signal
+
+    import fx
+    from fx.errors import Interrupted
+    from safetensors.torch import load_file
+
+    sets = ["checkpoints.every_steps=4", "stages.evaluate.enabled=false", "stages.generate.enabled=false"]
+    path = dpo_experiment(write_experiment)
+    straight = runner.execute(config.load(path, [*sets, f'experiment.output_dir="{tmp_path / "straight"}"']),
+                              manager.get())
+
+    class StopAtStep3:  # as SIGTERM would: finish the step, checkpoint, stop
+        @fx.hookimpl
+        def fx_log(self, run, step, metrics):
+            if step == 3 and "loss" in metrics:
+                run.stop_signal = signal.SIGTERM
+
+    plugins = register_plugin(StopAtStep3(), "stop-at-3")
+    exp = config.load(path, [*sets, f'experiment.output_dir="{tmp_path / "stopped"}"'])
+    with pytest.raises(Interrupted):
+        runner.execute(exp, plugins)
+    (folder,) = (tmp_path / "stopped").iterdir()
+    plugins.pm.unregister(name="stop-at-3")
+    runner.execute(runner.load_run(folder), plugins, resume=folder)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["resumed_from_step"] == 4 and summary["steps"] == 8
+    a = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
