@@ -92,8 +92,9 @@ def trained_by_bench_api(exp, steps: int = 3):
         return prep, method, model, trainer
 
 
-def test_training_moves_the_adapter_and_leaves_the_reference_fixed(write_experiment):
-    exp = config.load(dpo_experiment(write_experiment))
+@pytest.mark.parametrize("checkpointing", ["false", "true"])
+def test_training_moves_the_adapter_and_leaves_the_reference_fixed(write_experiment, checkpointing):
+    exp = config.load(dpo_experiment(write_experiment), [f"method.gradient_checkpointing={checkpointing}"])
     prep, method, model, trainer = trained_by_bench_api(exp)
     assert "ref" not in model.peft_config  # the reference is the base with the adapter off, not a second adapter
     ids = torch.tensor([prep.held_out.rows[0]["prompt_ids"] + prep.held_out.rows[0]["chosen_ids"]])
@@ -104,6 +105,7 @@ def test_training_moves_the_adapter_and_leaves_the_reference_fixed(write_experim
         reference_before = model(input_ids=ids).logits
     trainer.train()
     assert trainer.state.global_step == 3
+    assert model.is_gradient_checkpointing == (checkpointing == "true")  # as fx set it, after the reference passes
     changed = [n for n, p in model.named_parameters() if n in lora and not torch.equal(p.detach(), lora[n])]
     assert any("lora_B" in n for n in changed)
     model.eval()

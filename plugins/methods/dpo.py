@@ -154,6 +154,8 @@ class DPO(QLoraSFT):
         sft = super().trainer_args(output_dir, seed)
         shared = {f.name: getattr(sft, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
         s = self.settings
+        # trl turns the model's checkpointing off for each reference pass and back on with these kwargs
+        shared["gradient_checkpointing_kwargs"] = {"use_reentrant": False}  # as load_base() set it
         return DPOConfig(
             **shared,
             beta=s.beta,
