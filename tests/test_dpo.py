@@ -282,3 +282,15 @@ def test_an_interrupted_dpo_run_resumes_to_the_uninterrupted_result(write_experi
     a = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_shipped_smollm2_pairs_train_on_the_generation_prompt_and_close_with_eos():
+    from fx.templating import encode_prompt
+
+    prep = runner.prepare(config.load(ROOT / "experiments" / "smollm2_dpo.toml"))
+    assert len(prep.train.rows) == 150 and len(prep.held_out.rows) == 30 and prep.train.truncated == 0
+    tok = prep.tokenizer
+    for row, example in zip(prep.train.rows + prep.held_out.rows, prep.train_examples + prep.held_out_examples):
+        assert row["prompt_ids"] == encode_prompt(tok, prep.template.prompt(example.messages))
+        assert row["chosen_ids"][-1] == row["rejected_ids"][-1] == tok.eos_token_id
+    assert not {e.messages[-1]["content"] for e in prep.train_examples} & {e.messages[-1]["content"] for e in prep.held_out_examples}
