@@ -7,7 +7,8 @@ shape it has not seen, measured at 2-3 s on an H100) cannot move; ``tokens_per_s
 by all time.
 Model FLOPs utilisation counts the work the model must do per real token, not recomputation: 2 FLOPs per frozen
 weight for the forward, 2 more for the input gradient, 6 per LoRA weight, and causal attention's
-2 x 2 x layers x hidden x (row length / 2) forward, three times over for forward and backward.
+2 x 2 x layers x hidden x (row length / 2) forward, three times over for forward and backward. A preference
+method (DPO) adds its no-grad reference forward: 2 FLOPs per frozen weight and attention's forward once more.
 
 A result records the hardware, library versions, the resolved experiment and two hashes: ``full_config_hash``
 of everything, and ``config_hash`` of the workload (model, data, template, method and its effective batch),
@@ -112,11 +113,20 @@ def step_timer(sync):
     return StepTimer()
 
 
-def flops_per_token(arch, n_lora: int, mean_row: float) -> float:
-    """Model FLOPs per real token of one training step (see the module's docstring)."""
+def flops_per_token(arch, n_lora: int, mean_row: float, reference_forward: bool = False) -> float:
+    """Model FLOPs per real token of one training step (see the module's docstring); a preference method's no-grad
+    reference forward (adapter off) adds a forward of the frozen weights and of attention."""
     frozen = arch.layers * sum(i * o for i, o in arch.linears().values()) + arch.vocab * arch.hidden  # with lm_head
     attention = 2 * 2 * arch.layers * arch.hidden * (mean_row / 2)
-    return 4 * frozen + 6 * n_lora + 3 * attention
+    reference = 2 * frozen + attention if reference_forward else 0.0
+    return 4 * frozen + 6 * n_lora + 3 * attention + reference
+
+
+def trained_lengths(row: dict[str, list[int]]) -> list[int]:
+    """The sequences one row trains as: its ids, or a preference pair's prompt with each of its two answers."""
+    if "input_ids" in row:
+        return [len(row["input_ids"])]
+    return [len(row["prompt_ids"]) + len(row[f"{side}_ids"]) for side in ("chosen", "rejected")]
 
 
 def summarise(timer, warmup: int, end: int | None = None) -> dict[str, Any]:
@@ -213,6 +223,9 @@ def run(exp, steps: int, warmup: int, reference: bool = False, profile: Path | N
 
     if steps < 1 or warmup < 0:
         raise UserError("--steps must be at least 1 and --warmup at least 0")
+    if reference and exp.method.cls.preference:
+        raise UserError(f"--reference runs the plain SFT recipe; method {exp.method.name!r} trains on preference pairs "
+                        "and has no plain counterpart to compare with")
     fitted = memory.fit(exp) or memory.plan_experiment(exp)  # the bench reports the estimate, so it needs one
     exp = fitted.exp
     prep = runner.prepare(exp)
@@ -242,8 +255,8 @@ def run(exp, steps: int, warmup: int, reference: bool = False, profile: Path | N
     if profile:
         measured["profile"] = profiler.summary
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    mean_row = statistics.mean(len(r["input_ids"]) for r in prep.train.rows)
-    measured["flops_per_token"] = flops_per_token(fitted.plan.arch, n_lora, mean_row)
+    mean_row = statistics.mean(n for r in prep.train.rows for n in trained_lengths(r))
+    measured["flops_per_token"] = flops_per_token(fitted.plan.arch, n_lora, mean_row, exp.method.cls.preference)
     env = environment()
     peak = device_peak_tflops(env["hardware"])
     if peak:

@@ -80,7 +80,8 @@ def held_out(loaded: Loaded, data: Path):
         raise UserError(f"--data {data}: " + "; ".join(p.split(": ", 1)[-1] for p in problems))
     examples = fx_data.to_examples(source.load()[0], "auto", f"--data {data}")
     try:
-        tokenized = fx_data.tokenize(examples, loaded.template, loaded.tokenizer, loaded.exp.data.max_length)
+        method = loaded.exp.method.cls(loaded.exp.method.settings, None)
+        tokenized = method.tokenize(examples, loaded.template, loaded.tokenizer, loaded.exp.data.max_length)
     except ValueError as exc:
         raise UserError(f"template {loaded.exp.template.name!r}: {exc}") from None
     return tokenized, examples
@@ -90,7 +91,6 @@ def evaluate_run(run_dir: Path, data: Path | None = None) -> dict[str, Any]:
     """The held-out metrics of a finished run: on its own held-out rows (as ``eval_after`` measured them), or on
     every row of ``data``."""
     from fx import runner
-    from fx.evaluate import evaluate
 
     exp = experiment(run_dir)
     adapter_dir(run_dir)
@@ -106,6 +106,7 @@ def evaluate_run(run_dir: Path, data: Path | None = None) -> dict[str, Any]:
         if not rows.rows:
             raise UserError(f"--data {data}: no row has an answer left within data.max_length = {exp.data.max_length}")
         model, tokenizer, template = loaded.model, loaded.tokenizer, loaded.template
-    metrics, _ = evaluate(model, tokenizer, template, rows.rows, examples, exp.stages.evaluate)
+    method = exp.method.cls(exp.method.settings, None)
+    metrics = method.evaluate(model, tokenizer, template, rows.rows, examples, exp.stages.evaluate)
     return {"run": str(run_dir), "data": str(data) if data else "held-out rows of the run", "rows": len(rows.rows),
             "metrics": metrics}

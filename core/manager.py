@@ -39,6 +39,7 @@ DEFAULT_PLUGINS = (
     "fx.plugins.trackers.tensorboard",
     "fx.plugins.trackers.mlflow",
     "fx.plugins.datasets.synthetic",
+    "fx.plugins.methods.dpo",
 )
 
 # registry kind -> the register-callback hook that fills it

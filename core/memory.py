@@ -21,6 +21,10 @@ gradient checkpointing). Each formula follows what the libraries fx trains with 
   ``(batch, seq, vocab)`` logits; it is freed before the layers' backward, so the peak holds the larger of
   the two working sets, not both.
 
+* Preference training (DPO) puts the chosen and the rejected answer of each pair through one forward (twice the
+  sequences), and runs a no-grad reference forward of that batch (the adapter off) while the policy's activations
+  wait for backward; its working set competes with the backward and loss working sets for the peak.
+
 Measured on an H100, not derived: one layer's backward working set (``BACKWARD_WORKSET``), the allocator's
 slack with expandable segments, and the CUDA context. ``scripts/measure_memory.py`` measures the calibration
 matrix they were fitted on and a validation matrix (docs/memory.md: every estimate within 5%).
@@ -134,22 +138,31 @@ class Workload:
     optim: str = "paged_adamw_32bit"
     gradient_accumulation: int = 1
     micro_batch_tokens: int = 0             # a token budget per forward/backward (0: micro_batch rows of seq_len)
+    # preference training (DPO): sequences per row in one forward (trl concatenates chosen and rejected answers
+    # into one batch of 2 x micro-batch), a no-grad reference forward of that batch after the policy's (the base
+    # with the adapter off), and a frozen copy of the adapter as the reference (training from an SFT adapter)
+    sequences: int = 1
+    reference_forward: bool = False
+    reference_adapter: bool = False
     # the experiment keys that set each knob, for suggestions a user can paste after --set
     keys: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def tokens(self) -> int:
-        """Tokens in the largest forward/backward: every row at the maximum length, or under a token budget the
-        budget (a row longer than it goes alone), never more than the effective batch holds."""
+        """Tokens in the largest forward/backward: every row at the maximum length (both answers of a preference
+        pair), or under a token budget the budget (a row longer than it goes alone), never more than the effective
+        batch holds."""
         if self.micro_batch_tokens:
             return min(self.micro_batch * self.gradient_accumulation * self.seq_len,
                        max(self.micro_batch_tokens, self.seq_len))
-        return self.micro_batch * self.seq_len
+        return self.micro_batch * self.sequences * self.seq_len
 
     @property
     def shape(self) -> str:
         if self.micro_batch_tokens:
             return f"micro-batches of at most {self.tokens} tokens (token budget)"
+        if self.sequences == 2:
+            return f"{self.micro_batch} x 2 (chosen, rejected) x {self.seq_len} tokens"
         return f"{self.micro_batch} x {self.seq_len} tokens"
 
 
@@ -211,7 +224,8 @@ class Plan:
     @property
     def activation_bytes(self) -> float:
         """Activations with their working set, as the table's other-way figure counts them."""
-        return sum(c.bytes for c in self.components if c.name in ("activations", "backward working set", "logits and loss"))
+        return sum(c.bytes for c in self.components
+                   if c.name in ("activations", "backward working set", "logits and loss", "reference forward"))
 
 
 def quantised_bytes(arch: Architecture, work: Workload) -> tuple[float, float]:
@@ -299,10 +313,24 @@ def loss_working_bytes(arch: Architecture, work: Workload) -> float:
     return n * arch.hidden * (d + 4 + d) + min(n, LOGPROB_TOKENS) * LOGPROB_VOCAB * d
 
 
+def reference_forward_bytes(arch: Architecture, work: Workload) -> float:
+    """DPO's reference forward (no grad, adapter off), run while the policy's activations wait for backward: the
+    policy's final hidden states kept for its LM head's backward (h per token), plus the larger of one layer's
+    transient forward tensors (its input and output, the MLP's gate, up and activation: 2h + 3 x intermediate per
+    token) and the fused LM head's no-grad working set (its input and one logit tile). 0 without a reference."""
+    if not work.reference_forward:
+        return 0.0
+    n, d = work.tokens, dtype_bytes(work.compute_dtype)
+    layer = n * d * (2 * arch.hidden + 3 * arch.intermediate)
+    head = n * arch.hidden * d + min(n, LOGPROB_TOKENS) * LOGPROB_VOCAB * d
+    return n * arch.hidden * d + max(layer, head)
+
+
 def activation_bytes(arch: Architecture, work: Workload, checkpointing: bool) -> float:
-    """Saved activations plus the larger of the two backward working sets (a layer's, the loss's)."""
+    """Saved activations plus the largest working set on top of them (a layer's backward, the loss's, DPO's
+    reference forward)."""
     return saved_activation_bytes(arch, work, checkpointing) + max(
-        layer_working_bytes(arch, work, checkpointing), loss_working_bytes(arch, work))
+        layer_working_bytes(arch, work, checkpointing), loss_working_bytes(arch, work), reference_forward_bytes(arch, work))
 
 
 def optimizer_bytes(work: Workload, sizes: list[int], param_bytes: int) -> tuple[float, float]:
@@ -337,6 +365,7 @@ def plan(arch: Architecture, work: Workload, config_origin: str = "") -> Plan:
     saved = saved_activation_bytes(arch, work, ckpt)
     other = activation_bytes(arch, work, not ckpt)
     layer, loss = layer_working_bytes(arch, work, ckpt), loss_working_bytes(arch, work)
+    ref = reference_forward_bytes(arch, work)
     largest = max(i * o for i, o in arch.linears().values())
     dequant = largest * d  # one dequantised weight while its matmul runs
     # Gradients are freed after each optimizer step (set_to_none) and rebuilt during backward, so at the backward
@@ -356,15 +385,21 @@ def plan(arch: Architecture, work: Workload, config_origin: str = "") -> Plan:
         Component("activations", saved,
                   f"kept for backward, {work.shape}, checkpointing "
                   f"{'on' if ckpt else 'off'} (the other way, with its working set: {other / GIB:.2f} GiB)"),
-        Component("backward working set", layer if layer >= loss else 0.0,
+        Component("backward working set", layer if layer >= max(loss, ref) else 0.0,
                   ("one layer recomputed, its gradient temporaries" if ckpt else "one layer's gradient temporaries")
                   + ("" if layer >= loss else f" ({layer / GIB:.2f} GiB, below the loss's)")),
-        Component("logits and loss", loss if loss > layer else 0.0,
-                  "trl's fused LM head, 4096 x 32768 logit tiles" + ("" if loss > layer else
+        Component("logits and loss", loss if loss > layer and loss >= ref else 0.0,
+                  "trl's fused LM head, 4096 x 32768 logit tiles" + ("" if loss > layer and loss >= ref else
                                                                       f" ({loss / GIB:.2f} GiB, freed before the layers' backward)")),
         Component("dequantised weight", dequant, "one base weight in the compute dtype during its matmul"),
     ]
-    working = max(layer, loss) + dequant
+    if work.reference_forward:
+        components.insert(-1, Component("reference forward", ref if ref > max(layer, loss) else 0.0,
+                                         "DPO's no-grad reference pass, adapter off, beside the policy's activations"
+                                         + ("" if ref > max(layer, loss) else f" ({ref / GIB:.2f} GiB, not at the peak)")))
+    if work.reference_adapter:
+        components.insert(4, Component("reference adapter", n_lora * 4, "a frozen float32 copy of the initial adapter"))
+    working = max(layer, loss, ref) + dequant
     slack = SLACK_FIXED_GIB * GIB + SLACK_WORKING * working + SLACK_SAVED * saved
     components.append(Component("allocator slack", slack, "rounding and fragmentation (expandable segments)"))
     if opt_paged:
@@ -615,6 +650,7 @@ def render(fitted: Fitted):
     p, w = fitted.plan, fitted.plan.work
     head = Text(f"model config: {p.config_origin}\n"
                 f"workload: {w.shape if w.micro_batch_tokens else 'micro-batch ' + w.shape} (accumulation {w.gradient_accumulation}), "
+                + ("a no-grad reference forward (adapter off), " if w.reference_forward else "") +
                 f"{w.quant_type} with {w.compute_dtype} compute, LoRA r={w.lora_r} on {', '.join(w.lora_targets)}, "
                 f"gradient checkpointing {'on' if w.gradient_checkpointing else 'off'}, {w.optim}")
     table = Table(title="estimated peak GPU memory")

@@ -45,6 +45,25 @@ class Method:
         self.settings = settings
         self.run = run
 
+    def check(self) -> list[str]:
+        """Problems with the settings that need the file system (a path that must exist), one line each naming
+        the key; checked before a run directory is made."""
+        return []
+
+    def tokenize(self, examples, template, tokenizer, max_length: int):
+        """The rows this method trains on (:class:`fx.data.Tokenized`): by default, each conversation's ids and
+        labels with loss on the answers. ValueError for a row the method can't use."""
+        from fx import data
+
+        return data.tokenize(examples, template, tokenizer, max_length)
+
+    def evaluate(self, model, tokenizer, template, rows, examples, settings) -> dict[str, Any]:
+        """Held-out measurements of ``model`` on tokenized ``rows`` (from :meth:`tokenize`) and their examples,
+        before and after training; by default held-out loss and the ``[stages.evaluate]`` metric."""
+        from fx.evaluate import evaluate
+
+        return evaluate(model, tokenizer, template, rows, examples, settings)[0]
+
     def load(self, source, tokenizer):
         """The model, ready to train (quantised, adapters attached)."""
         raise NotImplementedError

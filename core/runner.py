@@ -22,7 +22,7 @@ from fx import data as fx_data
 from fx.config import Experiment
 from fx.datareport import length_histogram
 from fx.errors import Interrupted, TrainingFailed, UserError
-from fx.evaluate import evaluate, generate
+from fx.evaluate import generate
 from fx.merge import merge
 from fx.plots import write_loss_plot
 from fx.run import Run, new_run_dir, peak_rss_gib, write_atomic
@@ -62,6 +62,14 @@ def prepare(exp: Experiment) -> Prepared:
         raise UserError(f"{exp.path}: the data are preference pairs (a prompt with chosen and rejected answers), "
                         f"but method {exp.method.name!r} trains on one answer per row; choose a preference method "
                         "or a dataset of answers")
+    if exp.method.cls.preference and not all(e.is_preference for e in train + held):
+        raise UserError(f"{exp.path}: method {exp.method.name!r} trains on preference pairs (a prompt with chosen and "
+                        "rejected answers), but the data have one answer per row; give a dataset in the 'preference' "
+                        "or 'sharegpt_preference' format")
+    method = exp.method.cls(exp.method.settings, None)
+    problems = method.check()
+    if problems:
+        raise UserError("\n".join(f"{exp.path}: {p}" for p in problems))
     source = exp.model.cls(exp.model.settings)
     problems = source.check()
     if problems:
@@ -69,8 +77,8 @@ def prepare(exp: Experiment) -> Prepared:
     tokenizer = source.tokenizer()
     template = exp.template.cls(exp.template.settings, tokenizer)
     try:
-        train_tok = fx_data.tokenize(train, template, tokenizer, exp.data.max_length)
-        held_tok = fx_data.tokenize(held, template, tokenizer, exp.data.max_length)
+        train_tok = method.tokenize(train, template, tokenizer, exp.data.max_length)
+        held_tok = method.tokenize(held, template, tokenizer, exp.data.max_length)
     except ValueError as exc:
         raise UserError(f"template {exp.template.name!r}: {exc}") from None
     if not train_tok.rows:
@@ -263,7 +271,8 @@ def _stages(exp: Experiment, prep: Prepared, run: Run, summary: Summary, previou
         summary["eval_before"] = previous["eval_before"]  # measured before the run was interrupted
     elif evaluating:
         with run.stage("evaluate_before") as result:
-            result.update(evaluate(model, prep.tokenizer, prep.template, prep.held_out.rows, prep.held_out_examples, exp.stages.evaluate)[0])
+            result.update(method.evaluate(model, prep.tokenizer, prep.template, prep.held_out.rows, prep.held_out_examples,
+                                          exp.stages.evaluate))
         summary["eval_before"] = result
         summary.write()
         run.log(0, {f"eval_{k}": v for k, v in result.items() if isinstance(v, (int, float))})
@@ -311,7 +320,8 @@ def _stages(exp: Experiment, prep: Prepared, run: Run, summary: Summary, previou
         result["adapter"] = str(run.dir / "adapter")
     if evaluating:
         with run.stage("evaluate_after") as result:
-            result.update(evaluate(model, prep.tokenizer, prep.template, prep.held_out.rows, prep.held_out_examples, exp.stages.evaluate)[0])
+            result.update(method.evaluate(model, prep.tokenizer, prep.template, prep.held_out.rows, prep.held_out_examples,
+                                          exp.stages.evaluate))
         summary["eval_after"] = result
         summary.write()
         run.log(summary.get("steps", 0), {f"eval_{k}": v for k, v in result.items() if isinstance(v, (int, float))})

@@ -160,7 +160,7 @@ def test_budget_auto_picks_a_micro_batch_that_fits(tiny_experiment):
     assert fitted.fits and fitted.plan.total <= 1.5 * GIB
 
 
-@pytest.mark.parametrize("name", ["llama2_qlora.toml", "llama2_qlora_bench.toml"])
+@pytest.mark.parametrize("name", ["llama2_qlora.toml", "llama2_qlora_bench.toml", "llama2_dpo_bench.toml"])
 def test_shipped_experiments_validate(name):
     exp = config.load(ROOT / "experiments" / name)
     assert exp.budget.gpu == "t4" and memory.plan_experiment(exp).fits

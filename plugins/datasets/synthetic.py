@@ -5,6 +5,10 @@ say. The lengths follow the shape of guanaco-llama2-1k (the reference recipe's d
 mean near 350 tokens and a long tail, cut at ``max_tokens``. Each row is one pre-formatted Llama 2 turn,
 ``<s>[INST] question [/INST] answer </s>``, with words drawn from a fixed list, so the ``llama2`` template
 parses it like the real data and every tokenizer sees ordinary English words.
+
+With ``preference = true`` each row is a preference pair for DPO instead (``prompt``, ``chosen``, ``rejected``, the
+``preference`` format): a question of about ``mean_prompt_tokens`` and two answers whose lengths each follow the
+log-normal above, so a pair's longer sequence is what the memory planner's ``data.max_length`` has to hold.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ class SyntheticDataset(DatasetSource):
         mean_tokens: float = Field(350, gt=8, le=100_000)
         sigma: float = Field(0.65, ge=0, le=3)
         max_tokens: int = Field(1000, ge=16, le=1_000_000)
+        preference: bool = False  # rows of (prompt, chosen, rejected); mean_tokens is then each answer's length
+        mean_prompt_tokens: float = Field(150, gt=2, le=100_000)  # preference rows: the prompt's mean length
 
     def lengths(self) -> list[int]:
         """Each row's target length in tokens: log-normal with the configured mean, cut at ``max_tokens``."""
@@ -56,9 +62,31 @@ class SyntheticDataset(DatasetSource):
         mu = math.log(s.mean_tokens) - s.sigma**2 / 2
         return [max(16, min(s.max_tokens, round(rng.lognormvariate(mu, s.sigma)))) for _ in range(s.rows)]
 
+    def words(self, rng: random.Random, tokens: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(max(1, round(tokens / TOKENS_PER_WORD)))).capitalize()
+
+    def preference_rows(self):
+        """Preference pairs: a prompt of log-normal length around ``mean_prompt_tokens`` and two answers."""
+        import datasets
+
+        s = self.settings
+        rng = random.Random(s.seed + 1)
+        mu = math.log(s.mean_prompt_tokens) - s.sigma**2 / 2
+        answers = self.lengths()
+        rows = {"prompt": [], "chosen": [], "rejected": []}
+        for chosen in answers:
+            prompt = max(3, min(s.max_tokens, round(rng.lognormvariate(mu, s.sigma))))
+            rejected = answers[rng.randrange(len(answers))]
+            rows["prompt"].append(self.words(rng, prompt) + "?")
+            rows["chosen"].append(self.words(rng, chosen) + ".")
+            rows["rejected"].append(self.words(rng, rejected) + ".")
+        return datasets.Dataset.from_dict(rows), None
+
     def load(self):
         import datasets
 
+        if self.settings.preference:
+            return self.preference_rows()
         rng = random.Random(self.settings.seed + 1)
         texts = []
         for tokens in self.lengths():

@@ -36,6 +36,8 @@ class ConsoleTracker(Tracker):
         info = f"loss {metrics['loss']:.4f}"
         if "learning_rate" in metrics:
             info += f"  lr {metrics['learning_rate']:.2e}"
+        if "rewards/margins" in metrics:  # preference training (trl's DPOTrainer)
+            info += f"  margin {metrics['rewards/margins']:.3f}  reward acc {metrics.get('rewards/accuracies', 0):.2f}"
         if "tokens_per_s" in metrics:
             info += f"  {metrics['tokens_per_s']:.0f} tok/s"
         if "peak_vram_gib" in metrics:
