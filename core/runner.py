@@ -266,16 +266,20 @@ def _stages(exp: Experiment, prep: Prepared, run: Run, summary: Summary, previou
         model = method.load(prep.source, prep.tokenizer)
         result["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     evaluating = exp.stages.evaluate.enabled and bool(prep.held_out.rows)
+
+    def evaluate_stage(when: str, step: int) -> None:
+        """Held-out measurements into summary.json (``eval_before``/``eval_after``) and to the trackers."""
+        with run.stage(f"evaluate_{when}") as result:
+            result.update(method.evaluate(model, prep.tokenizer, prep.template, prep.held_out.rows,
+                                          prep.held_out_examples, exp.stages.evaluate))
+        summary[f"eval_{when}"] = result
+        summary.write()
+        run.log(step, {f"eval_{k}": v for k, v in result.items() if isinstance(v, (int, float))})
     prompts = sample_prompts(exp, prep) if exp.stages.generate.enabled else []
     if evaluating and "eval_before" in previous:
         summary["eval_before"] = previous["eval_before"]  # measured before the run was interrupted
     elif evaluating:
-        with run.stage("evaluate_before") as result:
-            result.update(method.evaluate(model, prep.tokenizer, prep.template, prep.held_out.rows, prep.held_out_examples,
-                                          exp.stages.evaluate))
-        summary["eval_before"] = result
-        summary.write()
-        run.log(0, {f"eval_{k}": v for k, v in result.items() if isinstance(v, (int, float))})
+        evaluate_stage("before", 0)
     before: list[str] = []
     if prompts:
         with run.stage("generate_before"):
@@ -319,12 +323,7 @@ def _stages(exp: Experiment, prep: Prepared, run: Run, summary: Summary, previou
         tmp.rename(run.dir / "adapter")
         result["adapter"] = str(run.dir / "adapter")
     if evaluating:
-        with run.stage("evaluate_after") as result:
-            result.update(method.evaluate(model, prep.tokenizer, prep.template, prep.held_out.rows, prep.held_out_examples,
-                                          exp.stages.evaluate))
-        summary["eval_after"] = result
-        summary.write()
-        run.log(summary.get("steps", 0), {f"eval_{k}": v for k, v in result.items() if isinstance(v, (int, float))})
+        evaluate_stage("after", summary.get("steps", 0))
     if prompts:
         with run.stage("generate_after"):
             after = generate(model, prep.tokenizer, prep.template, prompts, exp.stages.generate.max_new_tokens)

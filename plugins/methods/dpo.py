@@ -25,7 +25,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 import fx
-from fx.plugins.methods.qlora_sft import QLoraSFT, keep_adapter_float32
+from fx.plugins.methods.qlora_sft import QLoraSFT
 
 # DPOTrainer's loss types in trl 1.16 (DPOConfig.loss_type; DPOTrainer._compute_loss refuses any other)
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -178,7 +178,6 @@ class DPO(QLoraSFT):
         """trl's DPOTrainer for ``model`` on fx's tokenized preference rows; ``overrides`` replace DPOConfig fields
         (fx bench sets max_steps)."""
         import datasets
-        from transformers.trainer_callback import PrinterCallback
 
         args = self.trainer_args(output_dir, seed)
         if overrides:
@@ -193,22 +192,11 @@ class DPO(QLoraSFT):
             processing_class=tokenizer,
             callbacks=list(callbacks),
         )
-        trainer.remove_callback(PrinterCallback)  # fx's trackers report progress
         if self.settings.init_adapter is None and "ref" in model.peft_config:
             # trl copied the fresh adapter as "ref"; its B matrices are zero, so the copy computes the base: the
             # reference is the base with the adapter off, without a second adapter in memory
             model.delete_adapter("ref")
-        keep_adapter_float32(model)
-        collate = trainer.data_collator
-
-        def counting_collator(features):
-            batch = collate(features)
-            self.run.batch_tokens = int(batch["attention_mask"].sum())
-            return batch
-
-        if self.run is not None:
-            trainer.data_collator = counting_collator
-        return trainer
+        return self.finish_trainer(trainer, model)
 
     def evaluate(self, model, tokenizer, template, rows, examples, settings) -> dict[str, Any]:
         """Held-out preference accuracy against the reference and by the policy's own log-probabilities

@@ -180,7 +180,6 @@ class QLoraSFT(Method):
         import dataclasses
 
         import datasets
-        from transformers.trainer_callback import PrinterCallback
 
         args = self.trainer_args(output_dir, seed)
         if overrides:
@@ -193,7 +192,14 @@ class QLoraSFT(Method):
             processing_class=tokenizer,
             callbacks=list(callbacks),
         )
-        trainer.remove_callback(PrinterCallback)  # fx's trackers report progress
+        return self.finish_trainer(trainer, model)
+
+    def finish_trainer(self, trainer, model):
+        """What every fx trainer needs after trl built it: fx's trackers report progress (not trl's printer), the
+        adapter trains in float32, and each batch's real tokens are counted for an out-of-memory report."""
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
         keep_adapter_float32(model)
         collate = trainer.data_collator
 
