@@ -252,6 +252,8 @@ def run(exp, steps: int, warmup: int, reference: bool = False, profile: Path | N
         except torch.OutOfMemoryError as exc:
             raise TrainingFailed(memory.out_of_memory(cap, exc)) from None
     measured = {**summarise(timer, warmup, warmup + steps), **memory_readings(torch), "load_s": load_s}
+    if getattr(trainer, "graphs", None) is not None:
+        measured["cuda_graphs"] = trainer.graphs.stats()
     if profile:
         measured["profile"] = profiler.summary
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -336,6 +338,11 @@ def report(result: dict[str, Any]) -> None:
                      + (f"; allocator capped at {result['allocator_cap_gib']:.2f} GiB" if result.get("allocator_cap_gib") else "")
                      + f"; {r['measured_steps']} steps after {result['warmup']} warm-up")
     Console().print(table)
+    graphed = r.get("cuda_graphs")
+    if graphed:
+        print(f"CUDA graphs: {graphed['captures']} buckets captured ({graphed['capture_s']:.1f} s), "
+              f"{graphed['replays']} steps replayed, {graphed['eager_padded_steps']} eager"
+              + (f"; capture failed: {graphed['failed']}" if graphed["failed"] else ""))
     if r["step_s_p90"] > 2 * r["step_s_median"]:
         print(f"note: step times vary widely (p90 {r['step_s_p90']:.2f} s, median {r['step_s_median']:.2f} s): first-use "
               "compilation (Triton kernels) may fall inside the measured steps; run again (the cache is kept on disk) "
@@ -396,6 +403,11 @@ def compare(baseline: dict[str, Any], current: dict[str, Any], tolerance: float)
     if execution:
         table.caption = "run differently: " + "; ".join(execution[:6])
     Console().print(table)
+    graphed = r.get("cuda_graphs")
+    if graphed:
+        print(f"CUDA graphs: {graphed['captures']} buckets captured ({graphed['capture_s']:.1f} s), "
+              f"{graphed['replays']} steps replayed, {graphed['eager_padded_steps']} eager"
+              + (f"; capture failed: {graphed['failed']}" if graphed["failed"] else ""))
     if failed:
         print(f"regression beyond {tolerance:.0%}: {', '.join(failed)}")
         return 1

@@ -15,14 +15,20 @@ import sys
 import time
 from pathlib import Path
 
-OFF = ["method.padding_free=false", "method.liger=false", "method.attention=sdpa", "method.compile=false"]
+OFF = ["method.padding_free=false", "method.liger=false", "method.attention=sdpa", "method.compile=false",
+       "method.cuda_graphs=false"]
+PF = [*OFF, "method.padding_free=true"]
 # name -> --set assignments on top of the experiment; the first also runs the plain reference recipe
 VARIANTS: dict[str, list[str]] = {
     "levers off": OFF,
-    "padding-free (sdpa mask)": [*OFF, "method.padding_free=true"],
-    "padding-free + varlen": [*OFF, "method.padding_free=true", "method.attention=auto"],
-    "padding-free + varlen + liger": [*OFF, "method.padding_free=true", "method.attention=auto", "method.liger=true"],
-    "padding-free + varlen + compile": [*OFF, "method.padding_free=true", "method.attention=auto", "method.compile=true"],
+    "padding-free (sdpa mask)": PF,
+    "padding-free + varlen": [*PF, "method.attention=auto"],
+    "padding-free + varlen + liger": [*PF, "method.attention=auto", "method.liger=true"],
+    "padding-free + varlen + liger + graphs": [*PF, "method.attention=auto", "method.liger=true",
+                                               "method.cuda_graphs=auto"],
+    "padding-free + varlen + compile": [*PF, "method.attention=auto", "method.compile=true"],
+    "padding-free + varlen + compile + graphs": [*PF, "method.attention=auto", "method.compile=true",
+                                                 "method.cuda_graphs=auto"],
 }
 
 

@@ -36,8 +36,10 @@ class DPO(QLoraSFT):
     description = ("4-bit NF4 base + LoRA adapters, direct preference optimisation (trl DPOTrainer) against the base "
                    "with the adapter off, or against an SFT run's adapter (init_adapter)")
     preference = True
-    # trl 1.16's DPOTrainer pads its batches and keeps each pair whole: no padding-free rows, no token budget
-    execution_keys = tuple(k for k in QLoraSFT.execution_keys if k not in ("padding_free", "micro_batch_tokens"))
+    # trl 1.16's DPOTrainer pads its batches and keeps each pair whole: no padding-free rows, no token budget, no
+    # graphed padding-free steps
+    execution_keys = tuple(k for k in QLoraSFT.execution_keys
+                           if k not in ("padding_free", "micro_batch_tokens", "cuda_graphs"))
 
     class Settings(QLoraSFT.Settings):
         learning_rate: float = Field(5e-5, gt=0, le=1)
@@ -60,6 +62,9 @@ class DPO(QLoraSFT):
             if self.micro_batch_tokens:
                 raise ValueError("micro_batch_tokens (a token budget) splits SFT batches; DPO keeps each pair in "
                                  "one forward: set micro_batch_size instead")
+            if self.cuda_graphs is True:
+                raise ValueError("cuda_graphs = true is not available for DPO (it graphs padding-free steps, and "
+                                 "trl 1.16's DPOTrainer pads its batches); leave it out")
             return self
 
     # -- settings that need the file system ------------------------------------------------------------------------
@@ -75,12 +80,13 @@ class DPO(QLoraSFT):
         return None
 
     def check(self) -> list[str]:
+        problems = super().check()
         if self.settings.init_adapter is None:
-            return []
+            return problems
         folder = self.init_folder()
         if folder is None:
-            return [f"method.init_adapter: {self.settings.init_adapter!r} is neither a finished fx run (with "
-                    "adapter/adapter_config.json and adapter_model.safetensors) nor an adapter folder"]
+            return problems + [f"method.init_adapter: {self.settings.init_adapter!r} is neither a finished fx run "
+                               "(with adapter/adapter_config.json and adapter_model.safetensors) nor an adapter folder"]
         import json
 
         saved = json.loads((folder / "adapter_config.json").read_text())
@@ -88,7 +94,6 @@ class DPO(QLoraSFT):
         targets = lora.target_modules if isinstance(lora.target_modules, str) else sorted(lora.target_modules)
         theirs = saved.get("target_modules")
         theirs = sorted(theirs) if isinstance(theirs, list) else theirs
-        problems = []
         if saved.get("r") != lora.r:
             problems.append(f"method.lora.r: {lora.r}, but the init_adapter {str(folder)!r} has r = {saved.get('r')}; "
                             "set method.lora.r to match (DPO continues training that adapter)")

@@ -29,7 +29,7 @@ class LoraSettings(Strict):
 class QLoraSFT(Method):
     description = "4-bit NF4 base + LoRA adapters, supervised fine-tuning (trl SFTTrainer), loss on answers only"
     execution_keys = ("micro_batch_tokens", "gradient_checkpointing", "padding_free", "liger", "attention", "compile",
-                      "logging_steps")
+                      "cuda_graphs", "logging_steps")
 
     class Settings(Strict):
         lora: LoraSettings = LoraSettings()
@@ -54,7 +54,21 @@ class QLoraSFT(Method):
         liger: bool | Literal["auto"] = "auto"  # Liger's fused RMSNorm/RoPE/SwiGLU kernels; auto: on a CUDA GPU, not compiled
         micro_batch_tokens: int = Field(0, ge=0, le=10**8)  # token budget per forward/backward; 0: micro_batch_size rows
         attention: Literal["auto", "sdpa", "varlen"] = "auto"  # auto: varlen FlashAttention for padding-free rows where it exists
-        compile: bool = False  # torch.compile each decoder layer (CUDA only; the fastest measured, ~1.5 min to compile)
+        compile: bool = False  # torch.compile each decoder layer (CUDA only; ~1.5 min to compile)
+        cuda_graphs: bool | Literal["auto"] = "auto"  # replay each padding-free step as a CUDA graph; auto: on a CUDA GPU
+
+    def check(self) -> list[str]:
+        """Settings that don't go together, or not on this machine: refused before a run directory is made."""
+        s, problems = self.settings, []
+        if s.compile and s.liger is True:
+            problems.append("method.liger = true and method.compile = true don't go together (torch.compile can't "
+                            "trace Liger's kernels; it fuses the same operations itself): set one of them to false")
+        if s.cuda_graphs is True and not s.padding_free:
+            problems.append("method.cuda_graphs = true needs method.padding_free = true (a graph pads packed rows "
+                            "to a fixed length)")
+        if s.cuda_graphs is True and device() != "cuda":
+            problems.append('method.cuda_graphs = true needs a CUDA GPU; set it to "auto" or false on this machine')
+        return problems
 
     def quantization_config(self):
         from transformers import BitsAndBytesConfig
@@ -99,9 +113,6 @@ class QLoraSFT(Method):
             device_map={"": 0} if device() == "cuda" else {"": "cpu"},
         )
         keep_4bit_layout(model)
-        if s.compile and s.liger is True:
-            raise UserError("method.liger = true and method.compile = true don't go together (torch.compile can't trace "
-                            "Liger's kernels; it fuses the same operations itself): set one of them to false")
         apply_liger(model, False if s.compile else s.liger)
         choose_attention(model, s.attention, s.padding_free)
         model.config.use_cache = False
@@ -186,6 +197,7 @@ class QLoraSFT(Method):
             args = dataclasses.replace(args, **overrides)
         trainer = sft_trainer_class()(
             micro_batch_tokens=self.settings.micro_batch_tokens,
+            cuda_graphs=self.uses_cuda_graphs(),
             model=model,
             args=args,
             train_dataset=datasets.Dataset.from_list(train_rows),
@@ -193,6 +205,10 @@ class QLoraSFT(Method):
             callbacks=list(callbacks),
         )
         return self.finish_trainer(trainer, model)
+
+    def uses_cuda_graphs(self) -> bool:
+        s = self.settings
+        return s.padding_free and device() == "cuda" and s.cuda_graphs is not False
 
     def finish_trainer(self, trainer, model):
         """What every fx trainer needs after trl built it: fx's trackers report progress (not trl's printer), the
@@ -359,8 +375,10 @@ def sft_trainer_class():
     from trl import SFTTrainer
 
     class FxSFTTrainer(SFTTrainer):
-        def __init__(self, *args, micro_batch_tokens: int = 0, **kwargs):
+        def __init__(self, *args, micro_batch_tokens: int = 0, cuda_graphs: bool = False, **kwargs):
             self.micro_batch_tokens = micro_batch_tokens
+            self.cuda_graphs = cuda_graphs  # padding-free steps through fx.graphs (captured on a CUDA GPU)
+            self.graphs = None
             super().__init__(*args, **kwargs)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -369,9 +387,31 @@ def sft_trainer_class():
             (what gradient accumulation computes), whatever the split."""
             parts = split_micro_batches(inputs, self.micro_batch_tokens) if self.micro_batch_tokens else [inputs]
             if len(parts) == 1:
-                return super().training_step(model, inputs, num_items_in_batch)
+                return self.one_step(model, inputs, num_items_in_batch)
             total = (inputs["labels"][:, 1:] != -100).sum()  # positions whose next token is scored
-            return sum(super(FxSFTTrainer, self).training_step(model, part, total) for part in parts)
+            return sum(self.one_step(model, part, total) for part in parts)
+
+        def one_step(self, model, inputs, num_items_in_batch):
+            """A forward and backward: a padded, graphed step (fx.graphs) where it can be, else the trainer's."""
+            if self.cuda_graphs:
+                from fx import attention, graphs
+
+                if self.graphs is None:
+                    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+                    self.graphs = graphs.GraphedSteps(
+                        model, rows=self.args.per_device_train_batch_size,
+                        varlen=base.config._attn_implementation == attention.NAME,
+                        capture=_torch().cuda.is_available())
+                loss = self.graphs.step(self, self._prepare_inputs(inputs), num_items_in_batch)
+                if loss is not None:
+                    self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+                    return loss
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        def log(self, logs, *args, **kwargs):
+            if self.graphs is not None:
+                self.graphs.flush_metrics(self._metrics["train"])
+            return super().log(logs, *args, **kwargs)
 
         def _track_num_input_tokens(self, inputs):
             """A padding-free batch has no padding and no attention mask: every token is real. (The trainer would
