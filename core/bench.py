@@ -403,11 +403,6 @@ def compare(baseline: dict[str, Any], current: dict[str, Any], tolerance: float)
     if execution:
         table.caption = "run differently: " + "; ".join(execution[:6])
     Console().print(table)
-    graphed = r.get("cuda_graphs")
-    if graphed:
-        print(f"CUDA graphs: {graphed['captures']} buckets captured ({graphed['capture_s']:.1f} s), "
-              f"{graphed['replays']} steps replayed, {graphed['eager_padded_steps']} eager"
-              + (f"; capture failed: {graphed['failed']}" if graphed["failed"] else ""))
     if failed:
         print(f"regression beyond {tolerance:.0%}: {', '.join(failed)}")
         return 1
