@@ -252,8 +252,8 @@ def run(exp, steps: int, warmup: int, reference: bool = False, profile: Path | N
         except torch.OutOfMemoryError as exc:
             raise TrainingFailed(memory.out_of_memory(cap, exc)) from None
     measured = {**summarise(timer, warmup, warmup + steps), **memory_readings(torch), "load_s": load_s}
-    if getattr(trainer, "graphs", None) is not None:
-        measured["cuda_graphs"] = trainer.graphs.stats()
+    if getattr(trainer, "graph_stats", None) is not None:
+        measured["cuda_graphs"] = trainer.graph_stats
     if profile:
         measured["profile"] = profiler.summary
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -345,8 +345,8 @@ def report(result: dict[str, Any]) -> None:
               + (f"; capture failed: {graphed['failed']}" if graphed["failed"] else ""))
     if r["step_s_p90"] > 2 * r["step_s_median"]:
         print(f"note: step times vary widely (p90 {r['step_s_p90']:.2f} s, median {r['step_s_median']:.2f} s): first-use "
-              "compilation (Triton kernels) may fall inside the measured steps; run again (the cache is kept on disk) "
-              "or raise --warmup")
+              "work (Triton compiling a kernel, a CUDA graph captured for a new length bucket) may fall inside the "
+              "measured steps, and token budgets split the longest batches; raise --steps or --warmup")
 
 
 def write_result(path: Path, result: dict[str, Any]) -> None:

@@ -148,6 +148,8 @@ class GraphedSteps:
         self.grads = [torch.zeros_like(p) for p in self.params]
         self.static: dict[int, Static] = {}
         self.pool = None
+        self.stream = None
+        self.reserved: list[tuple[int, float]] = []  # (bucket, GiB reserved after its capture)
         self.warm = False
         self.failed: str | None = None
         self.captures = 0
@@ -253,8 +255,11 @@ class GraphedSteps:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()  # the eager warm-up's cached blocks: the graphs have a pool of their own
             self.pool = torch.cuda.graph_pool_handle()
+            # one capture stream for every graph: the allocator reuses a freed block only on the stream that freed
+            # it, so a stream per capture would give each graph memory of its own
+            self.stream = torch.cuda.Stream()
         graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
+        stream = self.stream
         stream.wait_stream(torch.cuda.current_stream())
         try:
             with torch.cuda.stream(stream):
@@ -273,12 +278,26 @@ class GraphedSteps:
         static.graph, static.outputs = graph, outputs
         self.captures += 1
         self.capture_s += time.perf_counter() - started
+        self.reserved.append((static.input_ids.shape[1], round(torch.cuda.memory_reserved() / 2**30, 3)))
+
+    def release(self) -> None:
+        """Give back the graphs' memory (their pool, the gradient buffers) once training is over: evaluation,
+        generation and merging come after it in the same process."""
+        for p, g in zip(self.params, self.grads):
+            if p.grad is g:
+                p.grad = None
+        self.static.clear()
+        self.grads, self.pending, self.pool, self.stream = [], [], None, None
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def stats(self) -> dict[str, Any]:
         """What the graphs did, for a benchmark's result."""
         return {"captures": self.captures, "capture_s": round(self.capture_s, 3), "replays": self.replays,
                 "eager_padded_steps": self.eager, "trainer_steps": self.passed, "buckets": sorted(self.static),
-                "failed": self.failed}
+                "reserved_after_capture_gib": self.reserved, "failed": self.failed}
 
     def flush_metrics(self, metrics: dict[str, list[float]]) -> None:
         """Put the steps' entropy and accuracy where trl's logging averages them (one synchronisation per log)."""

@@ -33,6 +33,7 @@ def test_block_causal_mask_keeps_each_sequence_to_itself():
     assert torch.equal(mask, expected)
 
 
+@pytest.mark.skipif(has_cuda(), reason="exact comparison on a CPU; on a GPU the test below compares graphed steps")
 def test_padded_steps_train_exactly_like_the_trainers_own(write_experiment, tmp_path, monkeypatch):
     """The padded step (fillers, a block mask built from the boundaries, trl's chunked LM-head loss, gradients
     added into buffers attached as .grad) gives the trainer's losses and adapter, with gradient accumulation too."""
@@ -40,15 +41,20 @@ def test_padded_steps_train_exactly_like_the_trainers_own(write_experiment, tmp_
     own = train(write_experiment, tmp_path, "own")
     own_acc = train(write_experiment, tmp_path, "own-acc", *acc)
     monkeypatch.setattr(qlora_sft.QLoraSFT, "uses_cuda_graphs", lambda self: True)
-    padded_steps = []
-    step = graphs.GraphedSteps.step
+    padded_steps, made = [], []
+    step, init = graphs.GraphedSteps.step, graphs.GraphedSteps.__init__
 
     def counted(self, *args, **kwargs):
         loss = step(self, *args, **kwargs)
         padded_steps.append(loss is not None)
         return loss
 
+    def recorded(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
     monkeypatch.setattr(graphs.GraphedSteps, "step", counted)
+    monkeypatch.setattr(graphs.GraphedSteps, "__init__", recorded)
     padded = train(write_experiment, tmp_path, "padded")
     assert_same_training(own, padded)
     assert padded_steps == [True] * 4
@@ -58,6 +64,7 @@ def test_padded_steps_train_exactly_like_the_trainers_own(write_experiment, tmp_
     budget = train(write_experiment, tmp_path, "padded-budget", "method.micro_batch_tokens=8")
     assert_same_training(own, budget)
     assert len(padded_steps) > 4 + 4 + 4 + 4 and all(padded_steps)
+    assert all(not steps.static for steps in made)  # every trainer released its padded steps when it finished
 
 
 def test_cuda_graphs_true_needs_padding_free_and_a_gpu(write_experiment, tmp_path, capsys):
@@ -89,9 +96,11 @@ def test_graphed_steps_replay_what_the_eager_steps_compute(write_experiment, tmp
     monkeypatch.setattr(graphs.GraphedSteps, "__init__", recorded)
     eager = train(write_experiment, tmp_path, "eager", *sets, "method.cuda_graphs=true")
     capture[0] = True
-    graphed = train(write_experiment, tmp_path, "graphed", *sets, "method.cuda_graphs=true")
+    graphed = train(write_experiment, tmp_path, "graphed", *sets, "method.cuda_graphs=true",
+                    "stages.generate.enabled=true")  # the model generates after training: graphs released
     steps = made[-1]
     assert steps.failed is None and steps.captures >= 2 and steps.replays >= 2, vars(steps)
+    assert not steps.static and not steps.grads  # released when training ended
     assert made[0].captures == 0
     for (losses_a, adapter_a), (losses_b, adapter_b), rtol in ((eager, graphed, 1e-5), (own, graphed, 2e-3)):
         assert len(losses_a) == len(losses_b) == 12

@@ -99,6 +99,7 @@ class QLoraSFT(Method):
             lora_r=s.lora.r, lora_targets=targets, lora_dropout=s.lora.dropout, compute_dtype=dtype,
             quant_type=s.quant_type, double_quant=s.double_quant, optim=s.optim,
             gradient_accumulation=s.gradient_accumulation_steps, micro_batch_tokens=s.micro_batch_tokens,
+            persistent_grads=s.padding_free and s.cuda_graphs is not False,  # graphed steps on the (CUDA) target
             keys={"micro_batch": "method.micro_batch_size", "gradient_accumulation": "method.gradient_accumulation_steps",
                   "gradient_checkpointing": "method.gradient_checkpointing", "seq_len": "data.max_length",
                   "lora_r": "method.lora.r"},
@@ -243,6 +244,7 @@ class QLoraSFT(Method):
             "train_tokens": int(tokens),
             "train_tokens_per_s": round(tokens_now / wall, 1) if wall > 0 else None,
             "train_wall_s": round(wall, 1),
+            **({"cuda_graphs": trainer.graph_stats} if getattr(trainer, "graph_stats", None) else {}),
         }
 
     def save(self, model, folder: Path) -> None:
@@ -379,7 +381,17 @@ def sft_trainer_class():
             self.micro_batch_tokens = micro_batch_tokens
             self.cuda_graphs = cuda_graphs  # padding-free steps through fx.graphs (captured on a CUDA GPU)
             self.graphs = None
+            self.graph_stats = None  # what the graphs did, kept when training ends and they are released
             super().__init__(*args, **kwargs)
+
+        def train(self, *args, **kwargs):
+            try:
+                return super().train(*args, **kwargs)
+            finally:
+                if self.graphs is not None:
+                    self.graph_stats = self.graphs.stats()
+                    self.graphs.release()
+                    self.graphs = None
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             """With a token budget, the batch is the whole effective batch: forward and backward each micro-batch,
