@@ -138,6 +138,7 @@ class Workload:
     optim: str = "paged_adamw_32bit"
     gradient_accumulation: int = 1
     micro_batch_tokens: int = 0             # a token budget per forward/backward (0: micro_batch rows of seq_len)
+    persistent_grads: bool = False          # gradients live in fixed buffers between steps (CUDA-graphed steps)
     # preference training (DPO): sequences per row in one forward (trl concatenates chosen and rejected answers
     # into one batch of 2 x micro-batch), a no-grad reference forward of that batch after the policy's (the base
     # with the adapter off), and a frozen copy of the adapter as the reference (training from an SFT adapter)
@@ -369,8 +370,9 @@ def plan(arch: Architecture, work: Workload, config_origin: str = "") -> Plan:
     largest = max(i * o for i, o in arch.linears().values())
     dequant = largest * d  # one dequantised weight while its matmul runs
     # Gradients are freed after each optimizer step (set_to_none) and rebuilt during backward, so at the backward
-    # peak they exist only when accumulation carries them over from the micro-batch before.
-    grads = n_lora * lora_bytes if work.gradient_accumulation > 1 else 0.0
+    # peak they exist only when accumulation carries them over from the micro-batch before, or when graphed steps
+    # add them into buffers that stay (fx.graphs).
+    grads = n_lora * lora_bytes if work.gradient_accumulation > 1 or work.persistent_grads else 0.0
     components = [
         Component("4-bit weights", packed, f"{work.quant_type}, {arch.layers} layers x 7 linears"),
         Component("quantisation constants", constants,
@@ -380,7 +382,9 @@ def plan(arch: Architecture, work: Workload, config_origin: str = "") -> Plan:
         Component("LoRA parameters", n_lora * lora_bytes, f"r={work.lora_r} on {', '.join(work.lora_targets)}: "
                   f"{n_lora / 1e6:.1f}M params, {lora_dtype}"),
         Component("LoRA gradients", grads, f"{n_lora * lora_bytes / GIB:.2f} GiB, "
-                  + ("kept across accumulation steps" if grads else "rebuilt during backward: not alive at the peak")),
+                  + ("kept across accumulation steps" if work.gradient_accumulation > 1 else
+                     "fixed buffers of the CUDA-graphed steps" if grads else
+                     "rebuilt during backward: not alive at the peak")),
         Component("optimizer states", opt_inside, work.optim + (" (states of small tensors)" if opt_paged else "")),
         Component("activations", saved,
                   f"kept for backward, {work.shape}, checkpointing "
