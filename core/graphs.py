@@ -95,7 +95,7 @@ class Static:
     outputs: Any = None  # (loss, entropy sum, correct, scored)
 
 
-def forward_backward(model, static: Static, params, grads, *, varlen: bool, amp_dtype, scale=None):
+def forward_backward(backbone, head, static: Static, params, grads, *, varlen: bool, amp_dtype, scale=None):
     """One padded step: the loss over the answer tokens, its gradients added to ``grads`` (in place); returns the
     loss (unscaled), the entropy summed over scored tokens, how many were predicted right, and how many scored.
 
@@ -106,9 +106,6 @@ def forward_backward(model, static: Static, params, grads, *, varlen: bool, amp_
     from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
 
     length = static.input_ids.shape[1]
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone = getattr(causal_lm, causal_lm.base_model_prefix)
-    head = causal_lm.get_output_embeddings()
     if varlen:
         # a 4-D mask is taken as given: transformers builds none, and fx_varlen ignores it for packed rows
         extra = dict(attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=static.cu.device),
@@ -136,12 +133,17 @@ class GraphedSteps:
     on one packed micro-batch and returns what ``Trainer.training_step`` returns; ``None`` when it can't
     (the caller then runs the trainer's own step)."""
 
-    def __init__(self, model, rows: int, varlen: bool, bucket: int = BUCKET, capture: bool = True):
+    def __init__(self, model, rows: int, bucket: int = BUCKET, capture: bool = True):
         import torch
 
+        from fx import attention
+
         self.model = model
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft's wrapper
+        self.backbone = getattr(causal_lm, causal_lm.base_model_prefix)  # the decoder stack, without the LM head
+        self.head = causal_lm.get_output_embeddings()
+        self.varlen = causal_lm.config._attn_implementation == attention.NAME  # else SDPA with a block mask
         self.slots = rows + 1  # at least one filler sequence, so that every bucket has the same number of sequences
-        self.varlen = varlen
         self.bucket = bucket
         self.capture = capture  # False: the same padded steps, eagerly (a CPU, or tests)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -189,8 +191,8 @@ class GraphedSteps:
                 scaler._lazy_init_scale_growth_tracker(device)
             scale = scaler._scale
         amp_dtype = torch.float16 if trainer.args.fp16 else torch.bfloat16 if trainer.args.bf16 else None
-        run = lambda: forward_backward(self.model, static, self.params, self.grads, varlen=self.varlen,  # noqa: E731
-                                       amp_dtype=amp_dtype, scale=scale)
+        run = lambda: forward_backward(self.backbone, self.head, static, self.params, self.grads,  # noqa: E731
+                                       varlen=self.varlen, amp_dtype=amp_dtype, scale=scale)
         self.model.train()
         if not self.capture or not self.warm:
             outputs = run()

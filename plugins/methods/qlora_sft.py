@@ -406,14 +406,11 @@ def sft_trainer_class():
         def one_step(self, model, inputs, num_items_in_batch):
             """A forward and backward: a padded, graphed step (fx.graphs) where it can be, else the trainer's."""
             if self.cuda_graphs:
-                from fx import attention, graphs
+                from fx import graphs
 
                 if self.graphs is None:
-                    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-                    self.graphs = graphs.GraphedSteps(
-                        model, rows=self.args.per_device_train_batch_size,
-                        varlen=base.config._attn_implementation == attention.NAME,
-                        capture=_torch().cuda.is_available())
+                    self.graphs = graphs.GraphedSteps(model, rows=self.args.per_device_train_batch_size,
+                                                      capture=_torch().cuda.is_available())
                 loss = self.graphs.step(self, self._prepare_inputs(inputs), num_items_in_batch)
                 if loss is not None:
                     self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
