@@ -34,17 +34,20 @@ def _quiet_libraries() -> None:
 
 
 def cmd_run(args) -> int:
-    from fx import config, manager, memory, runner
+    from fx import config, pipeline
+    from fx.hooks import manager
+    from fx.run.resume import load_run
+    from fx.training.budget import use_expandable_segments
 
-    memory.use_expandable_segments()
+    use_expandable_segments()
     if (args.file is None) == (args.resume is None):
         raise UserError("give an experiment file, or --resume RUN_DIR (not both)")
     if args.resume is not None:
-        exp = runner.load_run(args.resume, args.set)
+        exp = load_run(args.resume, args.set)
     else:
         exp = config.load(args.file, args.set)
     _quiet_libraries()
-    folder = runner.execute(exp, manager.get(), resume=args.resume)
+    folder = pipeline.execute(exp, manager.get(), resume=args.resume)
     print(f"run finished: {folder}")
     return 0
 
@@ -68,7 +71,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_plugins(args) -> int:
-    from fx import manager
+    from fx.hooks import manager
 
     infos = manager.get().info()
     if args.json:
@@ -89,12 +92,13 @@ def cmd_plugins(args) -> int:
 def cmd_data(args) -> int:
     from rich.console import Console
 
-    from fx import config, datareport
+    from fx import config
+    from fx.data import report as data_report
 
     exp = config.load(args.file, args.set)
     _quiet_libraries()
-    report = datareport.build(exp, args.examples, args.png)
-    datareport.show(exp, report, Console(soft_wrap=True))
+    report = data_report.build(exp, args.examples, args.png)
+    data_report.show(exp, report, Console(soft_wrap=True))
     return 0
 
 
@@ -106,8 +110,8 @@ def _positive(text: str) -> int:
 
 
 def cmd_generate(args) -> int:
-    from fx import inference
-    from fx.evaluate import generate
+    from fx.after import inference
+    from fx.evaluation import generate
 
     exp = inference.experiment(args.run_dir)
     _quiet_libraries()
@@ -122,8 +126,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from fx import inference
-    from fx.chat import chat
+    from fx.after import inference
+    from fx.after.chat import chat
 
     exp = inference.experiment(args.run_dir)
     _quiet_libraries()
@@ -134,7 +138,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from fx import inference
+    from fx.after import inference
 
     _quiet_libraries()
     print(json.dumps(inference.evaluate_run(args.run_dir, args.data), indent=2))
@@ -142,8 +146,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from fx import inference
-    from fx.merge import merge
+    from fx.after import inference
+    from fx.after.merge import merge
 
     exp = inference.experiment(args.run_dir)
     _quiet_libraries()
@@ -153,7 +157,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from fx.publish import push
+    from fx.after.publish import push
 
     print(f"pushed: {push(args.run_dir, args.repo)}")
     return 0
@@ -170,7 +174,7 @@ def cmd_runs(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from fx import runs
+    from fx.after import runs
 
     console = Console()
     if not console.is_terminal:  # piped or redirected: whole rows, not cells wrapped to 80 columns
@@ -201,42 +205,49 @@ def cmd_runs(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from fx import config, memory
+    from fx import config
+    from fx.plan.fit import refusal
+    from fx.plan.gpus import GIB, GPUS
+    from fx.training.budget import plan_experiment
 
     exp = config.load(args.file, args.set)
-    fitted = memory.plan_experiment(exp, args.budget)
+    fitted = plan_experiment(exp, args.budget)
     if args.json:
         out = fitted.summary()
-        out["gpus"] = {k: {"name": g.name, "memory_gib": g.memory_gib, "fits": fitted.plan.total <= g.memory_gib * memory.GIB}
-                       for k, g in memory.GPUS.items()}
+        out["gpus"] = {k: {"name": g.name, "memory_gib": g.memory_gib, "fits": fitted.plan.total <= g.memory_gib * GIB}
+                       for k, g in GPUS.items()}
         print(json.dumps(out, indent=2))
     else:
         from rich.console import Console
 
-        Console().print(memory.render(fitted))
+        from fx.plan.render import render
+
+        Console().print(render(fitted))
     if not fitted.fits:
-        raise UserError(memory.refusal(args.file, fitted))
+        raise UserError(refusal(args.file, fitted))
     return 0
 
 
 def cmd_bench(args) -> int:
-    from fx import bench, config, memory
+    from fx import config
+    from fx.bench import compare, measure
+    from fx.training.budget import use_expandable_segments
 
-    memory.use_expandable_segments()
+    use_expandable_segments()
     if args.compare and args.file is None and args.result is None:
         raise UserError("--compare needs an experiment file to run or --result with a result to compare")
     if args.result is not None:
-        result = bench.read_result(args.result)
+        result = compare.read_result(args.result)
     else:
         exp = config.load(args.file, args.set)
         _quiet_libraries()
-        result = bench.run(exp, steps=args.steps, warmup=args.warmup, reference=args.reference, profile=args.profile)
-        bench.report(result)
+        result = measure.run(exp, steps=args.steps, warmup=args.warmup, reference=args.reference, profile=args.profile)
+        compare.report(result)
         if args.out:
-            bench.write_result(args.out, result)
+            compare.write_result(args.out, result)
             print(f"result written to {args.out}")
     if args.compare:
-        return bench.compare(bench.read_result(args.compare), result, args.tolerance)
+        return compare.compare(compare.read_result(args.compare), result, args.tolerance)
     return 0
 
 
@@ -319,7 +330,7 @@ def parser() -> argparse.ArgumentParser:
     push.add_argument("--repo", required=True, metavar="NAME", help="hub repository, e.g. you/quill-135m")
     push.set_defaults(func=cmd_push)
 
-    from fx.runs import SORT_KEYS
+    from fx.after.runs import SORT_KEYS
 
     runs = sub.add_parser("runs", help="a table of past runs; --compare shows two runs' config differences and metrics")
     runs.add_argument("dir", type=Path, nargs="?", default=Path("runs"), help="an output folder (default: runs)")

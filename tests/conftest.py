@@ -1,14 +1,20 @@
-"""Shared fixtures: a tiny random Llama, experiment files written on the fly, and inline plugins."""
+"""Shared fixtures: a tiny random Llama's experiment, experiment files written on the fly, finished runs trained once
+per session, and inline plugins."""
 
 from __future__ import annotations
 
+import gc
 import json
-import os
+import weakref
 from pathlib import Path
 
 import pytest
+import torch
 
-from fx import manager
+import fx
+from fx import config, pipeline
+from fx.hooks import manager
+from fx.training.qlora import QLoraMethod
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,6 +101,79 @@ max_new_tokens = 4
 @pytest.fixture
 def tiny_experiment(write_experiment):
     return write_experiment(TINY_EXPERIMENT, TINY_ROWS)
+
+
+@pytest.fixture(scope="session")
+def train_tiny(tmp_path_factory):
+    """``train_tiny(name, text=TINY_EXPERIMENT, rows=TINY_ROWS, overrides=(), plugins=())``: the experiment trained
+    to its end once per session (a finished run shared by every test that asks for the same ``name``), with extra
+    plugin objects registered; returns ``(experiment, run folder)``."""
+    done: dict[str, tuple[config.Experiment, Path]] = {}
+
+    def train(name: str, text: str = TINY_EXPERIMENT, rows: list[dict] = TINY_ROWS, overrides=(), plugins=()):
+        if name not in done:
+            root = tmp_path_factory.mktemp(name)
+            (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            (root / "exp.toml").write_text(text.replace("{out}", str(root / "runs")))
+            built = manager.build()
+            for plugin, plugin_name in plugins:
+                built.pm.register(plugin, name=plugin_name)
+            chosen = manager.Plugins(built.pm, built.versions)  # the register hooks again, the extra plugins' too
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(manager, "get", lambda: chosen)
+                exp = config.load(root / "exp.toml", list(overrides))
+                done[name] = exp, pipeline.execute(exp, chosen)
+        return done[name]
+
+    return train
+
+
+class StageObserver:
+    """A plugin that records the stages of a run, the trained model's logits on ``PROBE`` as the adapter is saved,
+    and whether that model is still alive when the merge stage loads the 16-bit base."""
+
+    PROBE = torch.tensor([[1, 40, 41, 42, 300, 301, 302, 7]])  # any ids; logits are compared on them
+
+    def __init__(self):
+        self.started, self.ended = [], {}
+
+    @fx.hookimpl
+    def fx_stage_start(self, run, stage):
+        self.started.append(stage)
+
+    @fx.hookimpl
+    def fx_stage_end(self, run, stage, result):
+        self.ended[stage] = dict(result)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(train_tiny):
+    """The tiny experiment trained once, merge stage on (float32), watched by a :class:`StageObserver`:
+    ``(experiment, run folder, observer)``."""
+    observer = StageObserver()
+    save, merge = QLoraMethod.save, pipeline.merge
+
+    def save_and_probe(self, model, folder):
+        observer.trained_logits = logits(model.eval(), StageObserver.PROBE)
+        observer.trained_model = weakref.ref(model)
+        save(self, model, folder)
+
+    def merge_and_check(*args):
+        gc.collect()
+        observer.trained_model_alive_at_merge = observer.trained_model() is not None
+        return merge(*args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(QLoraMethod, "save", save_and_probe)
+        mp.setattr(pipeline, "merge", merge_and_check)
+        exp, folder = train_tiny("tiny", overrides=["stages.merge.enabled=true", 'stages.merge.dtype="float32"'],
+                                 plugins=[(observer, "observer")])
+    return exp, folder, observer
 
 
 @pytest.fixture

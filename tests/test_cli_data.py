@@ -7,8 +7,10 @@ import statistics
 import pytest
 from rich.console import Console
 
-from fx import config, datareport, runner
-from fx import data as fx_data
+from fx import config
+from fx.data import report as datareport
+from fx.data.prepare import load_examples
+from fx.data.tokenize import tokenize
 from fx.cli import main
 
 from conftest import ROOT, TINY_EXPERIMENT, TINY_ROWS
@@ -41,9 +43,9 @@ def test_stats_match_what_training_sees(write_experiment, tmp_path, capsys):
     path = write_experiment(TINY_EXPERIMENT.replace("max_length = 64", "max_length = 24"), TINY_ROWS)
     exp = config.load(path)
     report = datareport.build(exp, 2, None)
-    train, held = runner.load_examples(exp)
+    train, held = load_examples(exp)
     tokenizer = exp.model.cls(exp.model.settings).tokenizer()
-    tokenized = fx_data.tokenize(train + held, exp.template.cls(exp.template.settings, tokenizer), tokenizer, 24)
+    tokenized = tokenize(train + held, exp.template.cls(exp.template.settings, tokenizer), tokenizer, 24)
     s = report.stats
     assert (s.rows, s.truncated, s.unanswered) == (len(TINY_ROWS), tokenized.truncated, tokenized.dropped)
     assert s.truncated > 0

@@ -8,10 +8,13 @@ import json
 import datasets
 import pytest
 
-from fx import config, manager, runner
-from fx import data as fx_data
+from fx import config, pipeline
+from fx.data.formats import to_examples
+from fx.data.prepare import prepare
+from fx.data.templating import encode, encode_prompt
+from fx.data.tokenize import prompt_of, render
 from fx.errors import ConfigError, UserError
-from fx.templating import encode, encode_prompt
+from fx.hooks import manager
 
 from conftest import TINY_EXPERIMENT, TINY_ROWS
 
@@ -21,7 +24,7 @@ def rows(items):
 
 
 def test_alpaca_with_and_without_input():
-    examples = fx_data.to_examples(rows([
+    examples = to_examples(rows([
         {"instruction": "Translate.", "input": "cheese", "output": "fromage"},
         {"instruction": "Say hi.", "input": "", "output": "hi"},
     ]), "auto", "data")
@@ -31,7 +34,7 @@ def test_alpaca_with_and_without_input():
 
 
 def test_sharegpt_roles_and_extra_columns():
-    [example] = fx_data.to_examples(rows([{"conversations": [
+    [example] = to_examples(rows([{"conversations": [
         {"from": "system", "value": "S"}, {"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"},
     ], "id": 7}]), "auto", "data")
     assert example.messages == [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
@@ -40,24 +43,24 @@ def test_sharegpt_roles_and_extra_columns():
 
 
 def test_columns_map_top_level_names_and_turn_keys():
-    examples = fx_data.to_examples(rows([{"question": "Q", "answer": "A"}]), "auto", "data",
+    examples = to_examples(rows([{"question": "Q", "answer": "A"}]), "auto", "data",
                                    {"instruction": "question", "output": "answer"})
     assert examples[0].messages[-1] == {"role": "assistant", "content": "A"}
-    examples = fx_data.to_examples(rows([{"dialog": [{"role": "human", "text": "Q"}, {"role": "gpt", "text": "A"}]}]),
+    examples = to_examples(rows([{"dialog": [{"role": "human", "text": "Q"}, {"role": "gpt", "text": "A"}]}]),
                                    "sharegpt", "data", {"conversations": "dialog", "from": "role", "value": "text"})
     assert [m["role"] for m in examples[0].messages] == ["user", "assistant"]
 
 
 def test_preference_pairs_both_shapes():
-    [plain] = fx_data.to_examples(rows([{"prompt": "Q", "chosen": "good", "rejected": "bad"}]), "auto", "data")
+    [plain] = to_examples(rows([{"prompt": "Q", "chosen": "good", "rejected": "bad"}]), "auto", "data")
     assert (plain.messages, plain.chosen, plain.rejected) == ([{"role": "user", "content": "Q"}], "good", "bad")
-    [conversational] = fx_data.to_examples(rows([{
+    [conversational] = to_examples(rows([{
         "prompt": [{"role": "user", "content": "Q"}],
         "chosen": [{"role": "assistant", "content": "good"}],
         "rejected": [{"role": "assistant", "content": "bad"}],
     }]), "auto", "data")
     assert (conversational.chosen, conversational.rejected) == ("good", "bad")
-    [sharegpt] = fx_data.to_examples(rows([{
+    [sharegpt] = to_examples(rows([{
         "conversations": [{"from": "human", "value": "Q"}],
         "chosen": {"from": "gpt", "value": "good"}, "rejected": {"from": "gpt", "value": "bad"},
     }]), "auto", "data")
@@ -68,7 +71,7 @@ def test_malformed_rows_are_all_named():
     items = [{"instruction": "ok", "input": None, "output": "fine"}]
     items += [{"instruction": "" if i % 2 else "x", "input": None, "output": "" if i % 2 == 0 else "y"} for i in range(30)]
     with pytest.raises(UserError) as err:
-        fx_data.to_examples(rows(items), "alpaca", "data (train)")
+        to_examples(rows(items), "alpaca", "data (train)")
     text = str(err.value)
     assert "30 row(s) don't fit the 'alpaca' format" in text
     assert "row 2: 'output' must be a non-empty string" in text and "row 3: 'instruction' must be a non-empty string" in text
@@ -77,7 +80,7 @@ def test_malformed_rows_are_all_named():
 
 def test_malformed_turns_name_the_file_column():
     with pytest.raises(UserError, match=r"row 2: dialog\[1\] must have a 'from'"):
-        fx_data.to_examples(rows([
+        to_examples(rows([
             {"dialog": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]},
             {"dialog": [{"from": "human", "value": "Q"}, {"from": "robot", "value": "A"}]},
         ]), "auto", "data", {"conversations": "dialog"})
@@ -85,11 +88,11 @@ def test_malformed_turns_name_the_file_column():
 
 def test_missing_and_unknown_columns():
     with pytest.raises(UserError, match=r"needs the column\(s\) 'answer'"):
-        fx_data.to_examples(rows([{"instruction": "Q", "output": "A"}]), "alpaca", "data", {"output": "answer"})
+        to_examples(rows([{"instruction": "Q", "output": "A"}]), "alpaca", "data", {"output": "answer"})
     with pytest.raises(UserError, match=r"data.columns.instructions: the 'alpaca' format has no column 'instructions'; did you mean 'instruction'"):
-        fx_data.to_examples(rows([{"instruction": "Q", "output": "A"}]), "alpaca", "data", {"instructions": "q"})
+        to_examples(rows([{"instruction": "Q", "output": "A"}]), "alpaca", "data", {"instructions": "q"})
     with pytest.raises(UserError, match="cannot tell the dataset's format"):
-        fx_data.to_examples(rows([{"q": "Q", "a": "A"}]), "auto", "data")
+        to_examples(rows([{"q": "Q", "a": "A"}]), "auto", "data")
 
 
 def test_columns_checked_when_the_experiment_is_loaded(write_experiment):
@@ -125,11 +128,11 @@ def test_trains_through_each_format(fmt, write_experiment):
             .replace("max_steps = 12", "max_steps = 3")
             .replace('metric = "contains"', "enabled = false"))
     exp = config.load(write_experiment(text, [_as(fmt, r) for r in TINY_ROWS]))
-    prep = runner.prepare(exp)
+    prep = prepare(exp)
     assert prep.held_out_examples
     for example in prep.held_out_examples:
-        rendered = fx_data.render(prep.template, example)
-        conversation, answer = fx_data.prompt_of(prep.template, example)
+        rendered = render(prep.template, example)
+        conversation, answer = prompt_of(prep.template, example)
         prompt = prep.template.prompt(conversation)
         assert rendered.text[: rendered.spans[-1][0]] == prompt  # identical up to the answer
         assert "Answer with a number." in prompt  # the experiment's system prompt
@@ -137,17 +140,17 @@ def test_trains_through_each_format(fmt, write_experiment):
         first = next(i for i, label in enumerate(row["labels"]) if label != -100)
         assert encode_prompt(prep.tokenizer, prompt) == row["input_ids"][:first]
         assert answer in rendered.text[rendered.spans[-1][0]:]
-    folder = runner.execute(exp, manager.get())
+    folder = pipeline.execute(exp, manager.get())
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 3 and summary["template"] == template
     assert summary["train_loss"] > 0
     assert (folder / "lengths.png").read_bytes().startswith(b"\x89PNG")
     samples = (folder / "samples.md").read_text()
-    assert all(f"{i}. {c[-1]['content']}" in samples for i, c in enumerate(runner.sample_prompts(exp, prep), 1))
+    assert all(f"{i}. {c[-1]['content']}" in samples for i, c in enumerate(pipeline.sample_prompts(exp, prep), 1))
 
 
 def test_sft_refuses_preference_pairs(write_experiment):
     pairs = [{"prompt": f"What is {a}+1?", "chosen": str(a + 1), "rejected": str(a)} for a in range(8)]
     exp = config.load(write_experiment(TINY_EXPERIMENT, pairs))
     with pytest.raises(UserError, match="preference pairs .* method 'qlora_sft' trains on one answer per row"):
-        runner.prepare(exp)
+        prepare(exp)

@@ -7,7 +7,7 @@ import re
 import types
 
 from fx import config
-from fx.templating import encode, encode_prompt
+from fx.data.templating import encode, encode_prompt
 
 from conftest import ROOT, TINY_EXPERIMENT, TINY_ROWS
 

@@ -9,7 +9,13 @@ import pytest
 import torch
 from conftest import ROOT, TINY_EXPERIMENT, TINY_ROWS
 
-from fx import config, manager, memory, runner
+from fx import config, pipeline
+from fx.data.prepare import prepare
+from fx.hooks import manager
+from fx.plan import cost
+from fx.run.resume import load_run
+from fx.training import budget, contract
+from fx.training.method import Session
 from fx.cli import main
 from fx.errors import ConfigError
 
@@ -26,13 +32,8 @@ def dpo_experiment(write_experiment, extra: str = "", rows=PREF_ROWS):
 
 
 @pytest.fixture(scope="module")
-def dpo_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dpo")
-    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PREF_ROWS))
-    (root / "exp.toml").write_text(DPO_EXPERIMENT.replace("{out}", str(root / "runs")))
-    manager.get.cache_clear()
-    exp = config.load(root / "exp.toml")
-    return exp, runner.execute(exp, manager.get())
+def dpo_run(train_tiny):
+    return train_tiny("dpo", DPO_EXPERIMENT, PREF_ROWS)
 
 
 def test_dpo_run_reports_preference_accuracy_before_and_after(dpo_run):
@@ -78,8 +79,8 @@ def test_saved_adapter_is_the_policy_alone_and_fx_eval_reproduces_eval_after(dpo
 
 def trained_by_bench_api(exp, steps: int = 3):
     """The model before and after ``steps`` optimizer steps through ``method.trainer`` as ``fx bench`` calls it."""
-    prep = runner.prepare(exp)
-    method = exp.method.cls(exp.method.settings, None)
+    prep = prepare(exp)
+    method = exp.method.cls(exp.method.settings)
     from transformers import set_seed
 
     set_seed(0)
@@ -88,7 +89,8 @@ def trained_by_bench_api(exp, steps: int = 3):
     from pathlib import Path
 
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = method.trainer(model, prep.tokenizer, prep.train.rows, Path(tmp), 0, max_steps=steps)
+        trainer = contract.build(method, model, prep.tokenizer, prep.train.rows,
+                                 Session(output_dir=Path(tmp), seed=0, max_steps=steps))
         return prep, method, model, trainer
 
 
@@ -118,16 +120,16 @@ def test_training_moves_the_adapter_and_leaves_the_reference_fixed(write_experim
 
 
 def test_preference_rows_are_tokenized_as_generation_prompts_with_closed_answers(write_experiment):
-    from fx.templating import encode_prompt
+    from fx.data.templating import encode_prompt
 
     exp = config.load(dpo_experiment(write_experiment))
-    prep = runner.prepare(exp)
+    prep = prepare(exp)
     row, example = prep.train.rows[0], prep.train_examples[0]
     tok = prep.tokenizer
     assert row["prompt_ids"] == encode_prompt(tok, prep.template.prompt(example.messages))
     assert tok.decode(row["chosen_ids"]) == f" {example.chosen} {tok.eos_token}"  # llama2 closes answers with EOS
     assert tok.decode(row["rejected_ids"]) == f" {example.rejected} {tok.eos_token}"
-    limited = exp.method.cls(exp.method.cls.Settings(max_prompt_length=5, max_completion_length=2), None)
+    limited = exp.method.cls(exp.method.cls.Settings(max_prompt_length=5, max_completion_length=2))
     short = limited.tokenize(prep.train_examples[:1], prep.template, tok, 64).rows[0]
     assert short["prompt_ids"] == row["prompt_ids"][-5:]  # a long prompt keeps its end, next to the answer
     assert short["chosen_ids"] == row["chosen_ids"][:2] and short["rejected_ids"] == row["rejected_ids"][:2]
@@ -139,7 +141,7 @@ def test_init_adapter_starts_from_an_sft_run_and_keeps_it_as_the_reference(write
 
     sft = config.load(write_experiment(TINY_EXPERIMENT, TINY_ROWS, name="sft.toml"),
                       ["method.max_steps=2", "stages.evaluate.enabled=false", "stages.generate.enabled=false"])
-    sft_run = runner.execute(sft, manager.get())
+    sft_run = pipeline.execute(sft, manager.get())
     exp = config.load(dpo_experiment(write_experiment), [f'method.init_adapter="{sft_run}"', "method.learning_rate=0.05"])
     prep, method, model, trainer = trained_by_bench_api(exp, steps=2)
     saved = load_file(str(sft_run / "adapter" / "adapter_model.safetensors"))
@@ -201,15 +203,15 @@ def test_data_with_one_answer_per_row_is_refused_for_dpo(write_experiment, capsy
 def test_plan_counts_both_answers_and_the_reference_forward(write_experiment):
     sft = config.load(write_experiment(TINY_EXPERIMENT, TINY_ROWS))
     dpo = config.load(dpo_experiment(write_experiment), ["method.lora.dropout=0.0"])
-    sft_plan, dpo_plan = memory.plan_experiment(sft).plan, memory.plan_experiment(dpo).plan
+    sft_plan, dpo_plan = budget.plan_experiment(sft).plan, budget.plan_experiment(dpo).plan
     assert dpo_plan.work.tokens == 2 * sft_plan.work.tokens and dpo_plan.work.reference_forward
     assert dpo_plan.total > sft_plan.total
     names = {c.name for c in dpo_plan.components}
     assert "reference forward" in names and "reference forward" not in {c.name for c in sft_plan.components}
     from dataclasses import replace
 
-    from_sft = memory.plan(dpo_plan.arch, replace(dpo_plan.work, reference_adapter=True))
-    n_lora, _ = memory.lora_params(dpo_plan.arch, dpo_plan.work)
+    from_sft = cost.plan(dpo_plan.arch, replace(dpo_plan.work, reference_adapter=True))
+    n_lora, _ = cost.lora_params(dpo_plan.arch, dpo_plan.work)
     assert from_sft.total - dpo_plan.total == pytest.approx(n_lora * 4)  # a frozen fp32 copy
 
 
@@ -261,22 +263,22 @@ def test_an_interrupted_dpo_run_resumes_to_the_uninterrupted_result(write_experi
 
     sets = ["checkpoints.every_steps=4", "stages.evaluate.enabled=false", "stages.generate.enabled=false"]
     path = dpo_experiment(write_experiment)
-    straight = runner.execute(config.load(path, [*sets, f'experiment.output_dir="{tmp_path / "straight"}"']),
+    straight = pipeline.execute(config.load(path, [*sets, f'experiment.output_dir="{tmp_path / "straight"}"']),
                               manager.get())
 
     class StopAtStep3:  # as SIGTERM would: finish the step, checkpoint, stop
         @fx.hookimpl
         def fx_log(self, run, step, metrics):
             if step == 3 and "loss" in metrics:
-                run.stop_signal = signal.SIGTERM
+                run.stop(signal.SIGTERM)
 
     plugins = register_plugin(StopAtStep3(), "stop-at-3")
     exp = config.load(path, [*sets, f'experiment.output_dir="{tmp_path / "stopped"}"'])
     with pytest.raises(Interrupted):
-        runner.execute(exp, plugins)
+        pipeline.execute(exp, plugins)
     (folder,) = (tmp_path / "stopped").iterdir()
     plugins.pm.unregister(name="stop-at-3")
-    runner.execute(runner.load_run(folder), plugins, resume=folder)
+    pipeline.execute(load_run(folder), plugins, resume=folder)
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["resumed_from_step"] == 4 and summary["steps"] == 8
     a = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
@@ -285,9 +287,9 @@ def test_an_interrupted_dpo_run_resumes_to_the_uninterrupted_result(write_experi
 
 
 def test_shipped_smollm2_pairs_train_on_the_generation_prompt_and_close_with_eos():
-    from fx.templating import encode_prompt
+    from fx.data.templating import encode_prompt
 
-    prep = runner.prepare(config.load(ROOT / "experiments" / "smollm2_dpo.toml"))
+    prep = prepare(config.load(ROOT / "experiments" / "smollm2_dpo.toml"))
     assert len(prep.train.rows) == 150 and len(prep.held_out.rows) == 30 and prep.train.truncated == 0
     tok = prep.tokenizer
     for row, example in zip(prep.train.rows + prep.held_out.rows, prep.train_examples + prep.held_out_examples):

@@ -1,4 +1,4 @@
-"""CUDA-graphed steps (fx.graphs) pad a packed batch to a length bucket with filler sequences: the padding must
+"""CUDA-graphed steps (fx.training.graphs) pad a packed batch to a length bucket with filler sequences: the padding must
 change nothing. On a CPU the padded steps run eagerly (nothing is captured), which checks the padding, the masks,
 the loss and the gradient bookkeeping against the trainer's own step; on a GPU the same comparison runs with the
 steps captured and replayed."""
@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from conftest import TINY_EXPERIMENT, TINY_ROWS, gpu, has_cuda
-from fx import graphs
-from fx.plugins.methods import qlora_sft
+from fx.training import graphs, sft
 from test_speed import assert_same_training, train
 
 
@@ -40,7 +39,7 @@ def test_padded_steps_train_exactly_like_the_trainers_own(write_experiment, tmp_
     acc = ("method.micro_batch_size=2", "method.gradient_accumulation_steps=2")
     own = train(write_experiment, tmp_path, "own")
     own_acc = train(write_experiment, tmp_path, "own-acc", *acc)
-    monkeypatch.setattr(qlora_sft.QLoraSFT, "uses_cuda_graphs", lambda self: True)
+    monkeypatch.setattr(sft, "uses_cuda_graphs", lambda settings: True)
     padded_steps, made = [], []
     step, init = graphs.GraphedSteps.step, graphs.GraphedSteps.__init__
 

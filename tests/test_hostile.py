@@ -84,7 +84,8 @@ def test_pickle_only_weights_are_refused_before_the_run_starts(write_experiment,
     path = write_experiment(text, TINY_ROWS)
     assert main(["run", str(path)]) == 2
     assert not (tmp_path / "runs").exists()
-    from fx import config, runner
+    from fx import config
+    from fx.data.prepare import prepare
 
     allowed = config.load(path, ["model.allow_pickle=true"])
-    assert runner.prepare(allowed).source.check() == []
+    assert prepare(allowed).source.check() == []

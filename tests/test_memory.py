@@ -8,10 +8,13 @@ from dataclasses import replace
 import pytest
 from conftest import ROOT, TINY_EXPERIMENT, TINY_ROWS
 
-from fx import config, memory
+from fx import config
 from fx.cli import main
 from fx.errors import ConfigError
-from fx.memory import GIB, Architecture, Workload
+from fx.plan import cost, fit
+from fx.plan.gpus import GIB
+from fx.plan.shapes import Architecture, Workload
+from fx.training import budget
 
 # The `random` source's "tiny" architecture: hidden 64, intermediate 176, 2 layers, 4 heads, 2 kv heads, vocab 2048.
 TINY = Architecture(hidden=64, intermediate=176, layers=2, heads=4, kv_heads=2, vocab=2048)
@@ -24,13 +27,13 @@ def components(plan):
 
 
 def test_architecture_from_the_random_sources_config():
-    from fx.plugins.models.random import llama_config
+    from fx.sources.architectures import llama_config
 
     assert Architecture.from_config(llama_config("tiny")) == TINY
 
 
 def test_tiny_components_match_hand_computed_sizes():
-    c = components(memory.plan(TINY, QV))
+    c = components(cost.plan(TINY, QV))
     # per layer: q 64x64 + k 64x32 + v 64x32 + o 64x64 + gate/up/down 3 x 64x176 = 46,080 weights; 2 layers
     assert c["4-bit weights"] == 92_160 / 2
     assert c["quantisation constants"] == 92_160 / 64 * 4
@@ -46,46 +49,46 @@ def test_tiny_components_match_hand_computed_sizes():
     assert c["logits and loss"] == 32 * 64 * (2 + 4 + 2) + 32 * 32768 * 2
     assert c["backward working set"] == 0
     assert c["dequantised weight"] == 64 * 176 * 2
-    assert c["CUDA context"] == memory.CUDA_CONTEXT_GIB * GIB
+    assert c["CUDA context"] == cost.CUDA_CONTEXT_GIB * GIB
 
 
 def test_layer_activation_bytes_by_hand():
     # norms 2 x 4h; attention q, k, v (grouped kv heads are repeated to h), output: 4 x 2 x 64, log-sum-exp 4 x 4;
     # MLP 3 x 2 x 176; LoRA q and v: mask + dropped input (1 + 2) x 64 and r x 2 each
     expected = 8 * 64 + (4 * 2 * 64 + 16) + 3 * 2 * 176 + 2 * (3 * 64 + 2 * 8)
-    assert memory.layer_activation_bytes(TINY, QV) == expected == 2512
+    assert cost.layer_activation_bytes(TINY, QV) == expected == 2512
     no_dropout = replace(QV, lora_dropout=0.0)
-    assert memory.layer_activation_bytes(TINY, no_dropout) == expected - 2 * 3 * 64 + 2 * 64  # one shared input
+    assert cost.layer_activation_bytes(TINY, no_dropout) == expected - 2 * 3 * 64 + 2 * 64  # one shared input
 
 
 def test_checkpointing_and_accumulation_change_the_right_components():
-    on = memory.plan(TINY, replace(QV, seq_len=2048, micro_batch=8))
-    off = memory.plan(TINY, replace(QV, seq_len=2048, micro_batch=8, gradient_checkpointing=False))
+    on = cost.plan(TINY, replace(QV, seq_len=2048, micro_batch=8))
+    off = cost.plan(TINY, replace(QV, seq_len=2048, micro_batch=8, gradient_checkpointing=False))
     assert components(off)["activations"] == 2 * 2512 * 8 * 2048
     assert components(on)["activations"] < components(off)["activations"]
-    accumulated = memory.plan(TINY, replace(QV, gradient_accumulation=4))
+    accumulated = cost.plan(TINY, replace(QV, gradient_accumulation=4))
     assert components(accumulated)["LoRA gradients"] == components(accumulated)["LoRA parameters"]
 
 
 def test_double_quant_and_totals():
-    c = components(memory.plan(TINY, replace(QV, double_quant=True)))
+    c = components(cost.plan(TINY, replace(QV, double_quant=True)))
     blocks = 92_160 / 64
     assert c["quantisation constants"] == blocks + blocks / 256 * 4
-    p = memory.plan(TINY, QV)
+    p = cost.plan(TINY, QV)
     assert p.total == pytest.approx(sum(x.bytes for x in p.components))
-    assert p.total - p.reserved == pytest.approx(memory.CUDA_CONTEXT_GIB * GIB)
+    assert p.total - p.reserved == pytest.approx(cost.CUDA_CONTEXT_GIB * GIB)
 
 
 def test_paged_optimizer_states_sit_outside_the_allocator():
-    from fx.architectures import llama_config
+    from fx.sources.architectures import llama_config
 
     arch = Architecture.from_config(llama_config("llama2-7b"))
-    p = memory.plan(arch, Workload(4, 1024, True, 64, ("q_proj", "v_proj"), 0.1))
+    p = cost.plan(arch, Workload(4, 1024, True, 64, ("q_proj", "v_proj"), 0.1))
     c = components(p)
     # r=64 on q and v: 33.5M LoRA weights, every matrix above 1e5 elements, 8 bytes each in unified memory
     assert c["paged optimizer states"] == 32 * 2 * 64 * (4096 + 4096) * 8 == 0.25 * GIB
     assert c["optimizer states"] == 0
-    assert p.reserved == pytest.approx(p.total - 0.25 * GIB - memory.CUDA_CONTEXT_GIB * GIB)
+    assert p.reserved == pytest.approx(p.total - 0.25 * GIB - cost.CUDA_CONTEXT_GIB * GIB)
 
 
 def test_suggestions_each_fit_and_auto_keeps_the_effective_batch():
@@ -94,22 +97,22 @@ def test_suggestions_each_fit_and_auto_keeps_the_effective_batch():
                         "gradient_checkpointing": "method.gradient_checkpointing", "seq_len": "data.max_length",
                         "lora_r": "method.lora.r"})
     budget = 1.5 * GIB
-    assert memory.plan(TINY, big).total > budget
-    options = memory.suggestions(TINY, big, budget)
+    assert cost.plan(TINY, big).total > budget
+    options = fit.suggestions(TINY, big, budget)
     assert options and all(o.plan.total <= budget for o in options)
     assert any("method.gradient_checkpointing=true" in o.overrides for o in options)
-    chosen = memory.auto_micro_batch(TINY, big, budget)
+    chosen = fit.auto_micro_batch(TINY, big, budget)
     assert chosen.micro_batch * chosen.gradient_accumulation == 64
-    assert memory.plan(TINY, chosen).total <= budget
-    assert memory.plan(TINY, replace(chosen, micro_batch=chosen.micro_batch * 2)).total > budget
+    assert cost.plan(TINY, chosen).total <= budget
+    assert cost.plan(TINY, replace(chosen, micro_batch=chosen.micro_batch * 2)).total > budget
 
 
 def test_allocator_fraction_leaves_room_for_what_the_allocator_cannot_see():
-    p = memory.plan(TINY, QV)
+    p = cost.plan(TINY, QV)
     total = 80 * GIB
-    fraction = memory.allocator_fraction(p, 14.5 * GIB, total)
+    fraction = fit.allocator_fraction(p, 14.5 * GIB, total)
     assert fraction * total == pytest.approx(14.5 * GIB - p.outside_allocator)
-    assert memory.allocator_fraction(p, 100 * GIB, total) is None
+    assert fit.allocator_fraction(p, 100 * GIB, total) is None
 
 
 def test_budget_section_is_validated(write_experiment):
@@ -154,7 +157,7 @@ def test_fx_run_refuses_an_over_budget_plan_before_loading(tiny_experiment, tmp_
 
 def test_budget_auto_picks_a_micro_batch_that_fits(tiny_experiment):
     exp = config.load(tiny_experiment, [*OVER[1::2], "budget.auto=true"])
-    fitted = memory.fit(exp)
+    fitted = budget.fit(exp)
     s = fitted.exp.method.settings
     assert fitted.changes and s.micro_batch_size < 64
     assert s.micro_batch_size * s.gradient_accumulation_steps == 64
@@ -164,14 +167,20 @@ def test_budget_auto_picks_a_micro_batch_that_fits(tiny_experiment):
 @pytest.mark.parametrize("name", ["llama2_qlora.toml", "llama2_qlora_bench.toml", "llama2_dpo_bench.toml"])
 def test_shipped_experiments_validate(name):
     exp = config.load(ROOT / "experiments" / name)
-    assert exp.budget.gpu == "t4" and memory.plan_experiment(exp).fits
+    assert exp.budget.gpu == "t4" and budget.plan_experiment(exp).fits
 
 
 def test_a_method_without_a_workload_runs_unplanned_unless_a_budget_needs_it(tiny_experiment, register_plugin, capsys):
     import fx
-    from fx.plugins.methods.qlora_sft import QLoraSFT
+    from fx.training import sft
 
-    class Unplanned(QLoraSFT):
+    class Unplanned(fx.QLoraMethod):
+        class Settings(fx.QLoraMethod.Settings, fx.training.PackingSettings):
+            pass
+
+        def trainer(self, model, tokenizer, rows, session):
+            return sft.trainer(self, model, tokenizer, rows, session)
+
         def workload(self, max_length, bf16=None):
             return None
 
@@ -181,7 +190,7 @@ def test_a_method_without_a_workload_runs_unplanned_unless_a_budget_needs_it(tin
             register("unplanned", Unplanned)
 
     register_plugin(Plugin(), "unplanned-method")
-    assert memory.fit(config.load(tiny_experiment, ["method.name=unplanned"])) is None
+    assert budget.fit(config.load(tiny_experiment, ["method.name=unplanned"])) is None
     assert main(["plan", str(tiny_experiment), "--set", "method.name=unplanned", "--budget", "t4"]) == 2
     assert "can't be planned" in capsys.readouterr().err
 
@@ -190,10 +199,9 @@ def test_out_of_memory_in_training_ends_the_run_with_one_line_and_a_summary(tiny
     import torch
 
     import fx
-    from fx.plugins.methods.qlora_sft import QLoraSFT
 
-    class Hungry(QLoraSFT):
-        def train(self, model, tokenizer, train_rows, eval_rows):
+    class Hungry(fx.QLoraMethod):
+        def trainer(self, model, tokenizer, rows, session):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 48.00 MiB.")
 
     class Plugin:

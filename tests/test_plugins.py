@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 import fx
-from fx import manager
+from fx.data.templating import Rendered, Template
 from fx.errors import PluginError
-from fx.templating import Rendered, Template
+from fx.hooks import manager
 
 FX = [sys.executable, "-m", "fx.cli"]
 
@@ -94,7 +94,7 @@ PACKAGE = {
     """,
     "fx_shout.py": """
         import fx
-        from fx.templating import Rendered, Template
+        from fx.data.templating import Rendered, Template
 
 
         class Shout(Template):

@@ -87,9 +87,9 @@ def test_sigterm_writes_a_checkpoint_and_a_summary(experiment, tmp_path):
     assert f"Resume with: fx run --resume {folder}" in err and "Traceback" not in err
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "interrupted" and 2 <= summary["steps"] < 12
-    from fx.runner import last_checkpoint
+    from fx.training.checkpoints import last_checkpoint
 
-    checkpoint, step = last_checkpoint(folder)
+    checkpoint, step = last_checkpoint(folder / "checkpoints")
     assert step == summary["steps"]
     assert (checkpoint / "optimizer.pt").is_file() and (checkpoint / "rng_state.pth").is_file()
 
@@ -166,14 +166,15 @@ def test_out_of_memory_on_a_gpu_names_the_step_and_resumes_with_a_token_budget(w
     of memory,
     and the message names the step, the batch's tokens, the plan and a token budget to resume with, the checkpoint
     before it intact. Resuming with that budget (each row alone) finishes the same training, each step logged once."""
-    from fx import config, memory
-    from fx.runner import last_checkpoint
+    from fx import config
+    from fx.training.budget import plan_experiment
+    from fx.training.checkpoints import last_checkpoint
 
     rows = [{"messages": [{"role": "user", "content": f"Recite {k}."}, {"role": "assistant", "content": "la " * 1900}]}
             for k in range(18)]
     path = write_experiment(OOM_EXPERIMENT.replace("{vram}", "80.0"), rows)
-    one = memory.plan_experiment(config.load(path, ["method.micro_batch_tokens=2048"])).plan
-    three = memory.plan_experiment(config.load(path)).plan
+    one = plan_experiment(config.load(path, ["method.micro_batch_tokens=2048"])).plan
+    three = plan_experiment(config.load(path)).plan
     cap = (one.reserved / 0.9 + three.reserved) / 2  # the suggested budget fits at 90% of the cap; three rows don't
     assert one.reserved / 0.9 < cap < three.reserved
     vram = f"budget.vram_gib={(cap + three.outside_allocator) / 2**30:.4f}"
@@ -182,7 +183,7 @@ def test_out_of_memory_on_a_gpu_names_the_step_and_resumes_with_a_token_budget(w
     folder = wait_for_step(tmp_path / "runs", 2, proc)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=300)
-    _, done = last_checkpoint(folder)
+    _, done = last_checkpoint(folder / "checkpoints")
     assert done < 40, "the run finished before it was stopped"
 
     failed = fx("run", "--resume", str(folder), "--set", vram)
@@ -190,7 +191,7 @@ def test_out_of_memory_on_a_gpu_names_the_step_and_resumes_with_a_token_budget(w
     assert failed.returncode == 1, message
     assert "Traceback" not in message
     assert f"out of GPU memory at step {done + 1} on a batch of" in message and "planned" in message
-    assert f"(step {done}) is intact" in message and last_checkpoint(folder)[1] == done
+    assert f"(step {done}) is intact" in message and last_checkpoint(folder / "checkpoints")[1] == done
     suggested = message.split(f"fx run --resume {folder} ")[1].split()[:2]
     assert suggested[0] == "--set" and suggested[1].startswith("method.micro_batch_tokens=")
 

@@ -86,7 +86,7 @@ def test_packed_rows_never_attend_to_each_other():
 
 
 def test_split_micro_batches_cuts_between_rows():
-    from fx.plugins.methods.qlora_sft import split_micro_batches
+    from fx.training.microbatch import split_micro_batches
 
     lengths = [5, 3, 6, 2]
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
@@ -118,11 +118,12 @@ def test_liger_is_off_without_a_gpu_and_refused_when_insisted_on(tiny_experiment
 
 
 def test_planner_counts_the_token_budget(write_experiment):
-    from fx import config, memory
+    from fx import config
+    from fx.training.budget import plan_experiment
 
     path = write_experiment(TINY_EXPERIMENT, ROWS)
-    rows = memory.plan_experiment(config.load(path, ["method.micro_batch_size=8"]))
-    budget = memory.plan_experiment(config.load(path, ["method.micro_batch_size=8", "method.micro_batch_tokens=100"]))
+    rows = plan_experiment(config.load(path, ["method.micro_batch_size=8"]))
+    budget = plan_experiment(config.load(path, ["method.micro_batch_size=8", "method.micro_batch_tokens=100"]))
     assert rows.plan.work.tokens == 8 * 64
     assert budget.plan.work.tokens == 100
     assert budget.plan.total < rows.plan.total

@@ -2,72 +2,24 @@
 
 from __future__ import annotations
 
-import gc
 import io
 import json
 import re
 import shutil
 import sys
-import weakref
 
 import pytest
 import torch
 
-import fx
-from fx import cli, config, inference, manager, runner
-from fx.plugins.methods.qlora_sft import QLoraSFT
+from conftest import TINY_EXPERIMENT, TINY_ROWS, StageObserver, logits
+from fx import cli, config
+from fx.errors import ConfigError
+from fx.after import inference
+from fx.data.prepare import prepare
 from fx.plugins.templates.llama2 import Llama2
 from fx.plugins.templates.native import Native
 
-from conftest import TINY_EXPERIMENT, TINY_ROWS
-
-
-class StageObserver:
-    def __init__(self):
-        self.started, self.ended = [], {}
-
-    @fx.hookimpl
-    def fx_stage_start(self, run, stage):
-        self.started.append(stage)
-
-    @fx.hookimpl
-    def fx_stage_end(self, run, stage, result):
-        self.ended[stage] = dict(result)
-
-
-PROBE = torch.tensor([[1, 40, 41, 42, 300, 301, 302, 7]])  # any ids; logits are compared on them
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A finished tiny run with the merge stage on (float32), watched by a plugin that records the stages; the
-    trained model's logits on PROBE are taken as the run saves its adapter."""
-    root = tmp_path_factory.mktemp("stages")
-    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS))
-    (root / "exp.toml").write_text(TINY_EXPERIMENT.replace("{out}", str(root / "runs")))
-    manager.get.cache_clear()
-    exp = config.load(root / "exp.toml", ["stages.merge.enabled=true", 'stages.merge.dtype="float32"'])
-    plugins = manager.build()
-    observer = StageObserver()
-    plugins.pm.register(observer, name="observer")
-    save, merge = QLoraSFT.save, runner.merge
-
-    def save_and_probe(self, model, folder):
-        observer.trained_logits = logits(model.eval(), PROBE)
-        observer.trained_model = weakref.ref(model)
-        save(self, model, folder)
-
-    def merge_and_check(*args):
-        gc.collect()
-        observer.trained_model_alive_at_merge = observer.trained_model() is not None
-        return merge(*args)
-
-    QLoraSFT.save, runner.merge = save_and_probe, merge_and_check
-    try:
-        folder = runner.execute(exp, plugins)
-    finally:
-        QLoraSFT.save, runner.merge = save, merge
-    return folder, observer
+PROBE = StageObserver.PROBE
 
 
 @pytest.fixture
@@ -75,11 +27,6 @@ def elsewhere(tmp_path, monkeypatch):
     """Commands run from another folder than the experiment's: relative data paths must still resolve."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits.float()
 
 
 def adapter_model(folder, dtype):
@@ -92,7 +39,7 @@ def adapter_model(folder, dtype):
 
 
 def held_out_ids(folder):
-    prep = runner.prepare(inference.experiment(folder))
+    prep = prepare(inference.experiment(folder))
     return torch.tensor([prep.held_out.rows[0]["input_ids"]])
 
 
@@ -111,14 +58,14 @@ def assert_equals_adapter_model(merged, reference, ids, dtype):
 def test_saved_adapter_reloads_with_peft_and_reproduces_the_trained_logits(tiny_run):
     """The adapter, put back with plain peft on the base quantised as the method trains on it, is the trained
     model: exactly once its weights are in the dtype they were trained in (trl trains QLoRA adapters in bfloat16;
-    fx.inference restores it), and within bfloat16's precision with peft's float32 default."""
+    fx.training.QLoraMethod.load_trained restores it), and within bfloat16's precision with peft's float32 default."""
     from peft import PeftModel
 
-    folder, observer = tiny_run
+    _, folder, observer = tiny_run
     trained = observer.trained_logits
     torch.testing.assert_close(logits(inference.load(folder).model, PROBE), trained, rtol=1e-5, atol=1e-5)
     exp = inference.experiment(folder)
-    method = exp.method.cls(exp.method.settings, None)
+    method = exp.method.cls(exp.method.settings)
     reloaded = PeftModel.from_pretrained(method.load_base(exp.model.cls(exp.model.settings)), folder / "adapter").eval()
     tolerance = 8 * torch.finfo(torch.bfloat16).eps * trained.abs().max().item()
     assert (logits(reloaded, PROBE) - trained).abs().max().item() <= tolerance
@@ -127,7 +74,7 @@ def test_saved_adapter_reloads_with_peft_and_reproduces_the_trained_logits(tiny_
 
 
 def test_merge_stage_runs_last_and_is_announced(tiny_run):
-    folder, observer = tiny_run
+    _, folder, observer = tiny_run
     assert observer.started == ["load", "evaluate_before", "generate_before", "train", "save", "evaluate_after",
                                 "generate_after", "merge"]
     assert observer.trained_model_alive_at_merge is False  # the 4-bit model is freed before the 16-bit load
@@ -140,7 +87,7 @@ def test_merge_stage_runs_last_and_is_announced(tiny_run):
 def test_merged_model_loads_with_plain_transformers_and_equals_the_adapter_model(tiny_run):
     from transformers import AutoModelForCausalLM
 
-    folder, _ = tiny_run
+    _, folder, _ = tiny_run
     merged_dir = folder / "merged"
     saved = json.loads((merged_dir / "config.json").read_text())
     assert "quantization_config" not in saved and "auto_map" not in saved
@@ -153,7 +100,7 @@ def test_merged_model_loads_with_plain_transformers_and_equals_the_adapter_model
 def test_fx_merge_bfloat16(tiny_run, tmp_path, elsewhere):
     from transformers import AutoModelForCausalLM
 
-    folder, _ = tiny_run
+    _, folder, _ = tiny_run
     out = tmp_path / "bf16"
     assert cli.main(["merge", str(folder), "--out", str(out), "--dtype", "bfloat16"]) == 0
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -165,7 +112,7 @@ def test_fx_merge_bfloat16(tiny_run, tmp_path, elsewhere):
 def test_merged_tokenizer_prompts_in_the_run_template(tiny_run):
     from transformers import AutoTokenizer
 
-    folder, _ = tiny_run
+    _, folder, _ = tiny_run
     exp = inference.experiment(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder / "merged")
     template = exp.template.cls(exp.template.settings, tokenizer)
@@ -181,7 +128,7 @@ def test_merged_tokenizer_prompts_in_the_run_template(tiny_run):
 @pytest.mark.parametrize("system", [None, 'Be "brief".\nVery brief. ünï'])
 def test_chat_template_renders_like_the_template(cls, system, tiny_run):
     """The Jinja a template writes for transformers renders conversations and prompts exactly as fx does."""
-    exp = inference.experiment(tiny_run[0])
+    exp = inference.experiment(tiny_run[1])
     tokenizer = exp.model.cls(exp.model.settings).tokenizer()
     template = cls(cls.Settings(system_prompt=system), tokenizer)
     chat = template.chat_template()
@@ -194,7 +141,7 @@ def test_chat_template_renders_like_the_template(cls, system, tiny_run):
 
 
 def test_eval_reproduces_eval_after(tiny_run, elsewhere, capsys):
-    folder, _ = tiny_run
+    _, folder, _ = tiny_run
     assert cli.main(["eval", str(folder)]) == 0
     measured = json.loads(capsys.readouterr().out)["metrics"]
     after = json.loads((folder / "summary.json").read_text())["eval_after"]
@@ -203,7 +150,7 @@ def test_eval_reproduces_eval_after(tiny_run, elsewhere, capsys):
 
 
 def test_eval_on_another_file(tiny_run, elsewhere, capsys):
-    folder, _ = tiny_run
+    _, folder, _ = tiny_run
     (elsewhere / "other.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS[:5]))
     assert cli.main(["eval", str(folder), "--data", "other.jsonl"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -212,7 +159,7 @@ def test_eval_on_another_file(tiny_run, elsewhere, capsys):
 
 def test_generate_gives_the_runs_own_answers(tiny_run, capsys):
     """Greedy answers of the reloaded run equal the ones the run wrote into samples.md after training."""
-    folder, _ = tiny_run
+    _, folder, _ = tiny_run
     samples = (folder / "samples.md").read_text()
     prompts = re.findall(r"^## \d+\. (.*)$", samples, re.M)
     answers = re.findall(r"\*\*After:\*\*\n\n(.*?)\n", samples)
@@ -225,7 +172,7 @@ def test_generate_gives_the_runs_own_answers(tiny_run, capsys):
 
 
 def test_chat_keeps_the_conversation_in_the_template(tiny_run, monkeypatch, capsys):
-    folder, _ = tiny_run
+    _, folder, _ = tiny_run
     prompts = []
     original = Llama2.prompt
     monkeypatch.setattr(Llama2, "prompt", lambda self, messages: prompts.append(original(self, messages)) or prompts[-1])
@@ -247,7 +194,7 @@ def test_not_a_run(tmp_path, capsys):
 
 
 def test_run_without_adapter(tiny_run, tmp_path, capsys):
-    folder, _ = tiny_run
+    _, folder, _ = tiny_run
     failed = tmp_path / "failed"
     failed.mkdir()
     shutil.copy(folder / "config.toml", failed)
@@ -258,7 +205,7 @@ def test_run_without_adapter(tiny_run, tmp_path, capsys):
 
 
 def test_merge_refuses_to_overwrite(tiny_run, capsys):
-    folder, _ = tiny_run
+    _, folder, _ = tiny_run
     assert cli.main(["merge", str(folder)]) == 2
     assert "merged already exists" in capsys.readouterr().err
 
@@ -266,7 +213,7 @@ def test_merge_refuses_to_overwrite(tiny_run, capsys):
 def test_push_without_an_account_says_so(tiny_run, tmp_path, monkeypatch, capsys):
     import huggingface_hub.constants
 
-    folder, _ = tiny_run
+    _, folder, _ = tiny_run
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "token"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "stored_tokens"))
@@ -276,7 +223,7 @@ def test_push_without_an_account_says_so(tiny_run, tmp_path, monkeypatch, capsys
 
 def test_merge_dtype_is_checked(write_experiment):
     path = write_experiment(TINY_EXPERIMENT + '\n[stages.merge]\nenabled = true\ndtype = "float8"\n', TINY_ROWS)
-    with pytest.raises(config.ConfigError, match=r"stages\.merge\.dtype"):
+    with pytest.raises(ConfigError, match=r"stages\.merge\.dtype"):
         config.load(path)
     assert config.load(write_experiment(TINY_EXPERIMENT, TINY_ROWS)).stages.merge.enabled is False
 
@@ -286,7 +233,7 @@ def test_merge_without_a_chat_template_saves_none(tiny_run, tmp_path, monkeypatc
     own (which the run did not train on)."""
     from transformers import AutoTokenizer
 
-    folder, _ = tiny_run
+    _, folder, _ = tiny_run
     monkeypatch.setattr(Llama2, "chat_template", lambda self: None)
     assert cli.main(["merge", str(folder), "--out", str(tmp_path / "plain")]) == 0
     assert AutoTokenizer.from_pretrained(tmp_path / "plain").chat_template is None

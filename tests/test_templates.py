@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from fx import manager
-from fx.templating import encode, encode_prompt
+from fx.data.templating import encode, encode_prompt
+from fx.hooks import manager
 
 CONVERSATION = [
     {"role": "user", "content": "Hi"},
@@ -207,7 +207,8 @@ def test_llama2_parses_preformatted_text():
 
 
 def test_text_rows_the_template_cannot_parse_train_on_all_their_text():
-    from fx.data import Example, render
+    from fx.data.formats import Example
+    from fx.data.tokenize import render
 
     text = "Once upon a time there was a tokenizer."
     assert render(make("raw"), Example(text=text)).spans == ((0, len(text)),)
@@ -246,7 +247,7 @@ class ScriptedModel:
 def test_generation_stops_at_the_templates_end_of_answer(name, bundled_tokenizer):
     """Generation stops on the token that closed answers in training, and the answer is cut there even when
     the model runs on (a tokenizer for which the marker is plain text)."""
-    from fx.evaluate import generate
+    from fx.evaluation import generate
 
     template = make(name, bundled_tokenizer)
     answer_end = template.render(CONVERSATION[:2]).text
@@ -259,7 +260,7 @@ def test_generation_stops_at_the_templates_end_of_answer(name, bundled_tokenizer
 
 
 def test_chatml_cuts_answers_where_its_marker_is_plain_text(tiny_tokenizer):
-    from fx.evaluate import generate
+    from fx.evaluation import generate
 
     template = make("chatml", tiny_tokenizer)
     as_text = tiny_tokenizer("4<|im_end|>\nmore", add_special_tokens=False, split_special_tokens=True)["input_ids"]

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 
 import fx
-from fx import cli, config, manager, runner
-from fx.plots import loss_series, write_loss_plot
-from fx.tracking import Tracker, TrackerHub
+from fx import cli, config, pipeline
+from fx.hooks import manager
+from fx.run.plots import loss_series, write_loss_plot
+from fx.run.tracking import Tracker, TrackerHub
 
 from conftest import ROOT, TINY_EXPERIMENT, TINY_ROWS, gpu
 
@@ -78,7 +79,7 @@ def run_experiment(path: Path, plugins: manager.Plugins) -> tuple[Path, str]:
     stderr = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(stderr):
         mp.setattr(manager, "get", lambda: plugins)
-        folder = runner.execute(config.load(path), plugins)
+        folder = pipeline.execute(config.load(path), plugins)
     return folder, stderr.getvalue()
 
 
@@ -323,7 +324,7 @@ def test_fx_runs_lists_sorts_and_compares(tracked, tmp_path, capsys, monkeypatch
     assert cli.main(["runs", str(out), "--sort", "tokens_s", "--reverse"]) == 0
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines() if "tiny-" in line] == ["tiny-faster", tracked.folder.name]
 
-    from fx import runs
+    from fx.after import runs
 
     row = runs.row(first)
     assert (row.metric, row.final) == ("contains", tracked.summary["eval_after"]["contains"])
@@ -356,13 +357,26 @@ def test_peak_vram_is_logged_every_step_and_shown_on_a_gpu(tmp_path):
 
 
 def test_loss_plot_and_csv_are_written_when_training_fails(tmp_path):
-    from fx.plugins.methods.qlora_sft import QLoraSFT
+    from fx.training import sft
 
-    class Crashing(QLoraSFT):
-        def train(self, model, tokenizer, train_rows, eval_rows):
-            self.run.log(1, {"loss": 3.0, "learning_rate": 1e-3})
-            self.run.log(2, {"loss": 2.5, "learning_rate": 1e-3})
-            raise RuntimeError("out of memory (on purpose)")
+    class Crashing(fx.QLoraMethod):
+        """Trains two steps, then its third step breaks."""
+
+        class Settings(fx.QLoraMethod.Settings, fx.training.PackingSettings):
+            pass
+
+        def trainer(self, model, tokenizer, rows, session):
+            trainer = sft.trainer(self, model, tokenizer, rows, session)
+            step, calls = trainer.training_step, []
+
+            def breaking(*args, **kwargs):
+                calls.append(1)
+                if len(calls) == 3:
+                    raise RuntimeError("out of memory (on purpose)")
+                return step(*args, **kwargs)
+
+            trainer.training_step = breaking
+            return trainer
 
     class CrashingPlugin:
         @fx.hookimpl
@@ -377,8 +391,8 @@ def test_loss_plot_and_csv_are_written_when_training_fails(tmp_path):
     (folder,) = (tmp_path / "runs").iterdir()
     assert json.loads((folder / "summary.json").read_text())["status"] == "failed"
     with open(folder / "metrics.csv", newline="") as fh:
-        assert [(r["step"], r["loss"]) for r in csv.DictReader(fh)] == [("1", "3.0"), ("2", "2.5")]
-    drawn = write_loss_plot([(1, {"loss": 3.0, "learning_rate": 1e-3}), (2, {"loss": 2.5, "learning_rate": 1e-3})],
-                            tmp_path / "again.png", f"{folder.name} (failed)")
-    assert drawn["train loss"] == ([1, 2], [3.0, 2.5])
+        logged = [(int(r["step"]), {k: float(r[k]) for k in ("loss", "learning_rate")}) for r in csv.DictReader(fh)]
+    assert [step for step, _ in logged] == [1, 2]
+    drawn = write_loss_plot(logged, tmp_path / "again.png", f"{folder.name} (failed)")
+    assert drawn["train loss"] == ([1, 2], [m["loss"] for _, m in logged])
     assert (folder / "plots" / "loss.png").read_bytes() == (tmp_path / "again.png").read_bytes()

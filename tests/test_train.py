@@ -7,24 +7,13 @@ import json
 import pytest
 import torch
 
-from fx import config, manager, runner
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from conftest import TINY_EXPERIMENT, TINY_ROWS
-
-    root = tmp_path_factory.mktemp("tiny")
-    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS))
-    (root / "exp.toml").write_text(TINY_EXPERIMENT.replace("{out}", str(root / "runs")))
-    manager.get.cache_clear()
-    exp = config.load(root / "exp.toml")
-    folder = runner.execute(exp, manager.get())
-    return exp, folder
+from fx import config
+from fx.data.prepare import prepare
+from fx.evaluation import heldout_loss
 
 
 def test_run_directory_holds_everything(tiny_run):
-    _, folder = tiny_run
+    _, folder, _ = tiny_run
     for name in ("config.toml", "env.json", "metrics.jsonl", "summary.json", "samples.md", "adapter/adapter_config.json",
                  "adapter/adapter_model.safetensors"):
         assert (folder / name).is_file(), name
@@ -39,7 +28,7 @@ def test_run_directory_holds_everything(tiny_run):
 
 
 def test_loss_falls(tiny_run):
-    _, folder = tiny_run
+    _, folder, _ = tiny_run
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"] - 0.5
     steps = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
@@ -49,8 +38,8 @@ def test_loss_falls(tiny_run):
 
 
 def test_only_answer_tokens_carry_loss(tiny_run):
-    exp, _ = tiny_run
-    prep = runner.prepare(exp)
+    exp, _, _ = tiny_run
+    prep = prepare(exp)
     row = prep.train.rows[0]
     answer = prep.train_examples[0].messages[-1]["content"]
     trained = prep.tokenizer.decode([t for t, l in zip(row["input_ids"], row["labels"]) if l != -100])
@@ -59,13 +48,11 @@ def test_only_answer_tokens_carry_loss(tiny_run):
 
 
 def test_base_is_4bit_and_only_lora_trains(tiny_run):
-    exp, folder = tiny_run
+    exp, folder, _ = tiny_run
     import bitsandbytes as bnb
 
-    from fx.run import Run
-
-    method = exp.method.cls(exp.method.settings, Run("t", folder, exp.resolved(), manager.get()))
-    prep = runner.prepare(exp)
+    method = exp.method.cls(exp.method.settings)
+    prep = prepare(exp)
     model = method.load(prep.source, prep.tokenizer)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -76,11 +63,9 @@ def test_adapter_reloads_and_reproduces_logits(tiny_run):
     """The saved adapter, put back on the base with plain peft, gives the trained model's logits."""
     from peft import PeftModel
 
-    exp, folder = tiny_run
-    prep = runner.prepare(exp)
-    from fx.run import Run
-
-    method = exp.method.cls(exp.method.settings, Run("t", folder, exp.resolved(), manager.get()))
+    exp, folder, _ = tiny_run
+    prep = prepare(exp)
+    method = exp.method.cls(exp.method.settings)
     ids = torch.tensor([prep.held_out.rows[0]["input_ids"]])
 
     base = method.load_base(prep.source)  # 4-bit as in training, in the same weight layout (keep_4bit_layout)
@@ -91,7 +76,5 @@ def test_adapter_reloads_and_reproduces_logits(tiny_run):
             base_logits = reloaded(input_ids=ids).logits
     assert not torch.allclose(logits, base_logits, atol=1e-3), "the adapter changes the model"
     summary = json.loads((folder / "summary.json").read_text())
-    from fx.evaluate import heldout_loss
-
     assert heldout_loss(reloaded, prep.held_out.rows, prep.tokenizer.pad_token_id)["loss"] == pytest.approx(
         summary["eval_after"]["loss"], abs=1e-3)

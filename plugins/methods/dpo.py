@@ -1,23 +1,15 @@
-"""Method ``dpo``: direct preference optimisation of LoRA adapters on a 4-bit (NF4) base, with trl's DPOTrainer.
+"""Method ``dpo``: direct preference optimisation of LoRA adapters on a 4-bit (NF4) base with trl's DPOTrainer.
 
-The model is loaded exactly as ``qlora_sft`` loads it (this class extends it), so the weights exist once. The
-reference DPO measures the policy against is that same base with the adapter switched off (trl's ``ref_model=None``
-with a peft model). With ``init_adapter`` the policy starts from a finished SFT run's adapter and the reference is
-that SFT policy, as in standard DPO: trl 1.16 has no ``model_adapter_name``/``ref_adapter_name``; given a peft
-model that already carries an adapter it adds a frozen copy of it named ``ref`` and switches to it for the
-reference pass. The base is still loaded once; only the small adapter exists twice.
-
-Every precision and checkpointing flag comes from ``qlora_sft``'s own choices (``trainer_args``), never from trl's
-defaults (bf16 and gradient checkpointing, measured ~20x slower on a CPU). trl switches dropout off in DPO, so the
-policy and the reference see the same network; the planner counts LoRA without dropout accordingly. Of
-``qlora_sft``'s speed levers, Liger kernels, the attention choice and ``compile`` carry over (they act on the model);
-padding-free rows and token budgets don't (trl 1.16's DPOTrainer pads its batches and keeps each pair whole).
+The reference is the same base with the adapter off (the weights exist once), or with ``init_adapter`` the SFT
+policy the run starts from (docs/dpo.md). trl switches dropout off in DPO, so the policy and the reference see the
+same network. trl 1.16's DPOTrainer pads its batches and keeps each pair whole: no padding-free rows, token budgets
+or graphed steps; the kernels (Liger, compile) apply.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -25,26 +17,22 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 import fx
-from fx.plugins.methods.qlora_sft import QLoraSFT
+from fx.data.tokenize import tokenize_preferences
+from fx.evaluation import preference_metrics, task_metric
+from fx.training.kernels import compile_layers
 
 # DPOTrainer's loss types in trl 1.16 (DPOConfig.loss_type; DPOTrainer._compute_loss refuses any other)
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 
 
-class DPO(QLoraSFT):
+class DPO(fx.QLoraMethod):
     description = ("4-bit NF4 base + LoRA adapters, direct preference optimisation (trl DPOTrainer) against the base "
                    "with the adapter off, or against an SFT run's adapter (init_adapter)")
     preference = True
-    # trl 1.16's DPOTrainer pads its batches and keeps each pair whole: no padding-free rows, no token budget, no
-    # graphed padding-free steps
-    execution_keys = tuple(k for k in QLoraSFT.execution_keys
-                           if k not in ("padding_free", "micro_batch_tokens", "cuda_graphs"))
 
-    class Settings(QLoraSFT.Settings):
+    class Settings(fx.QLoraMethod.Settings):
         learning_rate: float = Field(5e-5, gt=0, le=1)
-        padding_free: bool = False
-        micro_batch_tokens: int = Field(0, ge=0, le=10**8)
         beta: float = Field(0.1, gt=0, le=1000)  # how far the policy may move from the reference (higher: less)
         loss_type: Literal[LOSS_TYPES] = "sigmoid"
         label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # robust DPO's flip probability, EXO's epsilon
@@ -56,15 +44,6 @@ class DPO(QLoraSFT):
         def _supported(self):
             if self.loss_type == "exo_pair" and self.label_smoothing == 0:
                 raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (the EXO paper uses 1e-3)")
-            if self.padding_free:
-                raise ValueError("padding_free = true is not available for DPO (trl 1.16's DPOTrainer pads its "
-                                 "batches); leave it out")
-            if self.micro_batch_tokens:
-                raise ValueError("micro_batch_tokens (a token budget) splits SFT batches; DPO keeps each pair in "
-                                 "one forward: set micro_batch_size instead")
-            if self.cuda_graphs is True:
-                raise ValueError("cuda_graphs = true is not available for DPO (it graphs padding-free steps, and "
-                                 "trl 1.16's DPOTrainer pads its batches); leave it out")
             return self
 
     # -- settings that need the file system ------------------------------------------------------------------------
@@ -87,8 +66,6 @@ class DPO(QLoraSFT):
         if folder is None:
             return problems + [f"method.init_adapter: {self.settings.init_adapter!r} is neither a finished fx run "
                                "(with adapter/adapter_config.json and adapter_model.safetensors) nor an adapter folder"]
-        import json
-
         saved = json.loads((folder / "adapter_config.json").read_text())
         lora = self.settings.lora
         targets = lora.target_modules if isinstance(lora.target_modules, str) else sorted(lora.target_modules)
@@ -105,8 +82,6 @@ class DPO(QLoraSFT):
     # -- data ------------------------------------------------------------------------------------------------------
 
     def tokenize(self, examples, template, tokenizer, max_length: int):
-        from fx.data import tokenize_preferences
-
         s = self.settings
         return tokenize_preferences(examples, template, tokenizer, max_length, s.max_prompt_length,
                                     s.max_completion_length)
@@ -115,8 +90,6 @@ class DPO(QLoraSFT):
 
     def load(self, source, tokenizer):
         """The 4-bit base with a fresh adapter, or with ``init_adapter``'s adapter, trainable."""
-        from fx.plugins.methods.qlora_sft import compile_layers
-
         folder = self.init_folder()
         if folder is None:
             model = self.attach(self.load_base(source))
@@ -141,32 +114,28 @@ class DPO(QLoraSFT):
         return model.disable_adapter()
 
     def workload(self, max_length: int, bf16: bool | None = None):
-        """``qlora_sft``'s shape with DPO's differences: chosen and rejected answers of each row go through one forward
+        """A QLoRA run's shape with DPO's differences: chosen and rejected answers of each row go through one forward
         together (2 sequences per row), a no-grad reference forward of the same batch follows the policy's, LoRA
         without dropout (trl disables it), and with ``init_adapter`` a frozen copy of the adapter as the reference."""
-        work = super().workload(max_length, bf16)
-        return dataclasses.replace(work, sequences=2, reference_forward=True, lora_dropout=0.0,
-                                   reference_adapter=self.settings.init_adapter is not None)
+        return super().workload(max_length, bf16, sequences=2, reference_forward=True, lora_dropout=0.0,
+                                reference_adapter=self.settings.init_adapter is not None)
 
     # -- training --------------------------------------------------------------------------------------------------
 
-    def trainer_args(self, output_dir: Path, seed: int):
-        """DPOConfig with every TrainingArguments value ``qlora_sft`` sets (precision, checkpointing, optimizer,
-        schedule, logging, checkpoints) and DPO's own, all explicit."""
-        from transformers import TrainingArguments
+    def trainer(self, model, tokenizer, rows, session):
+        """trl's DPOTrainer on fx's tokenized preference rows, every argument explicit."""
+        import datasets
         from trl import DPOConfig
 
-        sft = super().trainer_args(output_dir, seed)
-        shared = {f.name: getattr(sft, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
         s = self.settings
-        # trl turns the model's checkpointing off for each reference pass and back on with these kwargs
-        shared["gradient_checkpointing_kwargs"] = {"use_reentrant": False}  # as load_base() set it
-        return DPOConfig(
-            **shared,
+        args = self.trainer_args(
+            DPOConfig, session,
+            # trl turns the model's checkpointing off for each reference pass and back on with these kwargs
+            gradient_checkpointing_kwargs={"use_reentrant": False},  # as load_base() set it
             beta=s.beta,
             loss_type=[s.loss_type],
             label_smoothing=s.label_smoothing,
-            max_length=None,  # rows arrive tokenized and truncated by fx (fx.data.tokenize_preferences)
+            max_length=None,  # rows arrive tokenized and truncated by fx (fx.data.tokenize.tokenize_preferences)
             truncation_mode="keep_start",
             padding_free=False,
             pad_to_multiple_of=None,
@@ -178,36 +147,19 @@ class DPO(QLoraSFT):
             f_divergence_type="reverse_kl",
             activation_offloading=False,
         )
-
-    def trainer(self, model, tokenizer, train_rows, output_dir: Path, seed: int, callbacks=(), **overrides):
-        """trl's DPOTrainer for ``model`` on fx's tokenized preference rows; ``overrides`` replace DPOConfig fields
-        (fx bench sets max_steps)."""
-        import datasets
-
-        args = self.trainer_args(output_dir, seed)
-        if overrides:
-            args = dataclasses.replace(args, **overrides)
         rows = [{**r, "length": len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"]))}
-                for r in train_rows]  # group_by_length reads the "length" column
-        trainer = _trainer_class()(
-            model=model,
-            ref_model=None,
-            args=args,
-            train_dataset=datasets.Dataset.from_list(rows),
-            processing_class=tokenizer,
-            callbacks=list(callbacks),
-        )
-        if self.settings.init_adapter is None and "ref" in model.peft_config:
+                for r in rows]  # group_by_length reads the "length" column
+        trainer = _trainer_class()(model=model, ref_model=None, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                                   processing_class=tokenizer)
+        if s.init_adapter is None and "ref" in model.peft_config:
             # trl copied the fresh adapter as "ref"; its B matrices are zero, so the copy computes the base: the
             # reference is the base with the adapter off, without a second adapter in memory
             model.delete_adapter("ref")
-        return self.finish_trainer(trainer, model)
+        return trainer
 
     def evaluate(self, model, tokenizer, template, rows, examples, settings) -> dict[str, Any]:
         """Held-out preference accuracy against the reference and by the policy's own log-probabilities
-        (:func:`fx.evaluate.preference_metrics`), and the ``[stages.evaluate]`` metric on generated answers."""
-        from fx.evaluate import preference_metrics, task_metric
-
+        (:func:`fx.evaluation.preference_metrics`), and the ``[stages.evaluate]`` metric on generated answers."""
         result = preference_metrics(model, rows, tokenizer.pad_token_id, self.settings.beta,
                                     lambda: self.reference(model))
         result.update(task_metric(model, tokenizer, template, examples, settings)[0])

@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field
 
 import fx
-from fx.architectures import KNOWN_HUB_NAMES, llama_config
+from fx.sources.architectures import KNOWN_HUB_NAMES, llama_config
 from fx.errors import UserError
 from fx.sources import ModelSource
 

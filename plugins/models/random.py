@@ -16,8 +16,9 @@ from typing import Literal
 from pydantic import Field
 
 import fx
-from fx.architectures import ARCHITECTURES, llama_config
-from fx.sources import ModelSource, cache_dir
+from fx.files import atomic_folder
+from fx.sources import bundled, cache_dir
+from fx.sources.architectures import ARCHITECTURES, llama_config
 
 
 def cut_tokenizer(source: Path, out: Path, vocab_size: int) -> None:
@@ -38,19 +39,16 @@ def cut_tokenizer(source: Path, out: Path, vocab_size: int) -> None:
             merges.append(merge)
     model["vocab"], model["merges"] = vocab, merges
     data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < vocab_size]
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok = AutoTokenizer.from_pretrained(source)
-    tok.save_pretrained(tmp)
-    (tmp / "tokenizer.json").write_text(json.dumps(data))
-    AutoTokenizer.from_pretrained(tmp)  # proves the cut tokenizer loads before it is put in place
-    tmp.rename(out)
+    with atomic_folder(out) as tmp:
+        AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
+        (tmp / "tokenizer.json").write_text(json.dumps(data))
+        AutoTokenizer.from_pretrained(tmp)  # proves the cut tokenizer loads before it is put in place
 
 
-class RandomModel(ModelSource):
+class RandomModel(fx.ModelSource):
     description = "a named architecture with random weights: " + ", ".join(ARCHITECTURES)
 
-    class Settings(ModelSource.Settings):
+    class Settings(fx.ModelSource.Settings):
         architecture: Literal[tuple(ARCHITECTURES)] = "tiny"  # type: ignore[valid-type]
         seed: int = Field(0, ge=0, le=2**32 - 1)
         dtype: Literal["float16", "bfloat16", "float32"] = "float16"
@@ -70,12 +68,9 @@ class RandomModel(ModelSource):
         import torch
         from transformers import LlamaForCausalLM
 
-        from fx.plugins.models.bundled import BundledModel
-
-        folder.parent.mkdir(parents=True, exist_ok=True)
         tok_dir = folder.with_name(folder.name + ".tokenizer")
         if not tok_dir.is_dir():
-            cut_tokenizer(Path(BundledModel(BundledModel.Settings()).path()), tok_dir, self.config().vocab_size)
+            cut_tokenizer(bundled.model_folder(), tok_dir, self.config().vocab_size)
         dtype = getattr(torch, self.settings.dtype)
         config = self.config()
         with torch.device("meta"):
@@ -88,12 +83,10 @@ class RandomModel(ModelSource):
                     param.fill_(1.0)
                 else:
                     param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32).mul_(0.02).to(dtype))
-        tmp = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        for f in tok_dir.iterdir():
-            shutil.copy(f, tmp / f.name)
-        tmp.rename(folder)
+        with atomic_folder(folder) as tmp:
+            model.save_pretrained(tmp)
+            for f in tok_dir.iterdir():
+                shutil.copy(f, tmp / f.name)
 
 
 @fx.hookimpl

@@ -9,7 +9,7 @@ the loss; a further turn opens another ``### Instruction:`` block after a blank 
 from __future__ import annotations
 
 import fx
-from fx.templating import Message, Rendered, Template
+from fx.data.templating import Message, Rendered, Template
 
 PREAMBLE = ("Below is an instruction that describes a task. "
             "Write a response that appropriately completes the request.")

@@ -8,7 +8,7 @@ prompt ends with ``<|im_start|>assistant\\n``.
 from __future__ import annotations
 
 import fx
-from fx.templating import Message, Rendered, Template, content, ends_with_user
+from fx.data.templating import Message, Rendered, Template, content, ends_with_user
 
 
 class ChatML(Template):

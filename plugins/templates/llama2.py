@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 import fx
-from fx.templating import Message, Rendered, Template, content
+from fx.data.templating import Message, Rendered, Template, content
 
 TURN = re.compile(r"<s>\s*\[INST\]\s*(.*?)\s*\[/INST\](.*?)(?:</s>|$)", re.S)
 SYS = re.compile(r"^<<SYS>>\n(.*?)\n<</SYS>>\n\n", re.S)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fx
 from fx.errors import UserError
-from fx.templating import Message, Rendered, Template, content
+from fx.data.templating import Message, Rendered, Template, content
 
 
 class Native(Template):

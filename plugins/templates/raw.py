@@ -9,7 +9,7 @@ last user message.
 from __future__ import annotations
 
 import fx
-from fx.templating import Message, Rendered, Template, content
+from fx.data.templating import Message, Rendered, Template, content
 
 
 class Raw(Template):

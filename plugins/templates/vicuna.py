@@ -8,7 +8,7 @@ carry the loss. ``</s>`` is the tokenizer's end-of-sequence token (Llama's is ex
 from __future__ import annotations
 
 import fx
-from fx.templating import Message, Rendered, Template, content
+from fx.data.templating import Message, Rendered, Template, content
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")

@@ -4,7 +4,7 @@ and a closing table."""
 from __future__ import annotations
 
 import fx
-from fx.tracking import Tracker
+from fx.run.tracking import Tracker
 
 
 class ConsoleTracker(Tracker):

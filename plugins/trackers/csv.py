@@ -14,9 +14,9 @@ import time
 from typing import Any
 
 import fx
-from fx.run import write_atomic
-from fx.runs import flatten
-from fx.tracking import Tracker
+from fx.files import write_atomic
+from fx.config.diff import flatten
+from fx.run.tracking import Tracker
 
 
 def _line(values: list[Any]) -> str:

@@ -9,7 +9,7 @@ import time
 from pydantic import Field
 
 import fx
-from fx.tracking import Tracker
+from fx.run.tracking import Tracker
 
 
 class JsonlTracker(Tracker):

@@ -18,7 +18,7 @@ import time
 from pydantic import Field
 
 import fx
-from fx.tracking import Tracker, needs_extra
+from fx.run.tracking import Tracker, needs_extra
 
 PARAM_LENGTH = 6000  # MLflow refuses longer parameter values
 PARAMS_PER_BATCH = 100  # and more parameters in one log_batch call

@@ -12,7 +12,7 @@ import json
 import tomli_w
 
 import fx
-from fx.tracking import Tracker, needs_extra
+from fx.run.tracking import Tracker, needs_extra
 
 
 def tag(metric: str) -> str:

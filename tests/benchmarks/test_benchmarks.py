@@ -31,10 +31,10 @@ def tiny(write_experiment):
 def test_tiny_4bit_training_step(benchmark, tiny):
     import torch
 
-    from fx import runner
+    from fx.data.prepare import prepare
 
-    prep = runner.prepare(tiny)
-    method = tiny.method.cls(tiny.method.settings, None)
+    prep = prepare(tiny)
+    method = tiny.method.cls(tiny.method.settings)
     model = method.load(prep.source, prep.tokenizer)
     rows = prep.train.rows[:4]
     width = max(len(r["input_ids"]) for r in rows)
@@ -58,7 +58,8 @@ def test_tiny_4bit_training_step(benchmark, tiny):
 
 @needs_bundled
 def test_data_pipeline(benchmark, tmp_path):
-    from fx import data as fx_data
+    from fx.data.formats import to_examples
+    from fx.data.tokenize import tokenize
     from fx.plugins.datasets.synthetic import SyntheticDataset
     from fx.plugins.models.random import RandomModel
     from fx.plugins.templates.llama2 import Llama2
@@ -66,9 +67,9 @@ def test_data_pipeline(benchmark, tmp_path):
     rows, _ = SyntheticDataset(SyntheticDataset.Settings(rows=200), tmp_path).load()
     tokenizer = RandomModel(RandomModel.Settings(architecture="tiny", dtype="float32")).tokenizer()
     template = Llama2(Llama2.Settings(), tokenizer)
-    examples = fx_data.to_examples(rows, "text", "bench")
+    examples = to_examples(rows, "text", "bench")
 
-    tokenized = benchmark(fx_data.tokenize, examples, template, tokenizer, 1024)
+    tokenized = benchmark(tokenize, examples, template, tokenizer, 1024)
     tokens = sum(len(r["input_ids"]) for r in tokenized.rows)
     benchmark.extra_info["rows"] = len(tokenized.rows)
     benchmark.extra_info["tokens"] = tokens
@@ -77,11 +78,13 @@ def test_data_pipeline(benchmark, tmp_path):
 
 @gpu
 def test_llama2_7b_step_under_t4_budget(benchmark):
-    from fx import bench, config, memory
+    from fx import config
+    from fx.bench import measure
+    from fx.training.budget import use_expandable_segments
 
-    memory.use_expandable_segments()
+    use_expandable_segments()
     exp = config.load(Path(ROOT) / "experiments" / "llama2_qlora_bench.toml")
-    result = benchmark.pedantic(bench.run, args=(exp,), kwargs={"steps": 5, "warmup": 2}, rounds=1, iterations=1)
+    result = benchmark.pedantic(measure.run, args=(exp,), kwargs={"steps": 5, "warmup": 2}, rounds=1, iterations=1)
     measured = result["results"]
     benchmark.extra_info.update({k: measured[k] for k in ("tokens_per_s", "peak_reserved_gib", "peak_allocated_gib")})
     assert measured["peak_reserved_gib"] <= result["plan"]["budget_gib"]  # the T4 budget held on a larger card

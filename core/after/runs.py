@@ -1,0 +1,128 @@
+"""``fx runs``: past runs read back from their directories (``config.toml``, ``summary.json``, ``metrics.jsonl``).
+
+A folder is a run when it holds a ``config.toml``; anything else in the output folder (an MLflow store,
+a TensorBoard log) is passed over.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from fx.config.diff import differences, flatten
+from fx.errors import UserError
+from fx.run.directory import RunDir
+from fx.settings import did_you_mean
+
+LOWER_IS_BETTER = {"loss", "perplexity"}
+SORT_KEYS = ("date", "name", "model", "method", "steps", "final", "best", "tokens_s", "vram", "status")
+
+
+@dataclass
+class RunRow:
+    """One line of ``fx runs``."""
+
+    path: Path
+    name: str
+    date: datetime
+    model: str
+    method: str
+    status: str
+    steps: int | None
+    metric: str  # the held-out metric the experiment chose (``loss`` when it chose none)
+    final: float | None  # its value after training
+    best: float | None  # its best value over every held-out evaluation of the run
+    tokens_s: float | None
+    vram: float | None  # peak GiB reserved on the GPU; None on CPU
+
+
+def read_run(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A run's resolved config and its summary (empty when the run never wrote one)."""
+    files = RunDir(folder)
+    return files.read_config(), files.read_summary()
+
+
+def model_label(config: dict[str, Any]) -> str:
+    """``hf:meta-llama/Llama-2-7b-hf``, ``random:tiny``: the source and what it loads."""
+    model = config.get("model", {})
+    source = model.get("source", "?")
+    detail = model.get("name") or model.get("architecture")
+    return f"{source}:{detail}" if detail else source
+
+
+def eval_points(folder: Path, summary: dict[str, Any], metric: str) -> list[float]:
+    """Every held-out value of ``metric`` the run measured: metrics.jsonl when the run kept it, else the summary's."""
+    points: list[float] = []
+    try:
+        lines = RunDir(folder).metrics.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a run killed mid-write leaves a partial last line
+        if "step" in record and isinstance(record.get(f"eval_{metric}"), (int, float)):
+            points.append(float(record[f"eval_{metric}"]))
+    if not points:
+        for key in ("eval_before", "eval_after"):
+            value = (summary.get(key) or {}).get(metric)
+            if isinstance(value, (int, float)):
+                points.append(float(value))
+    return points
+
+
+def row(folder: Path) -> RunRow:
+    config, summary = read_run(folder)
+    metric = config.get("stages", {}).get("evaluate", {}).get("metric", "none")
+    metric = "loss" if metric == "none" else metric
+    points = eval_points(folder, summary, metric)
+    final = (summary.get("eval_after") or {}).get(metric)
+    best = (min if metric in LOWER_IS_BETTER else max)(points) if points else None
+    started = summary.get("started")
+    date = (datetime.fromisoformat(started) if started
+            else datetime.fromtimestamp(RunDir(folder).config.stat().st_mtime, timezone.utc))
+    return RunRow(
+        path=folder, name=summary.get("name", folder.name), date=date, model=model_label(config),
+        method=config.get("method", {}).get("name", "?"), status=summary.get("status", "unknown"),
+        steps=summary.get("steps"), metric=metric, final=final, best=best,
+        tokens_s=summary.get("train_tokens_per_s"), vram=summary.get("peak_vram_gib"),
+    )
+
+
+def collect(directory: Path, sort: str = "date", reverse: bool = False) -> list[RunRow]:
+    """Every run in ``directory``, sorted by ``sort`` (runs without that value last, whichever the order)."""
+    if not directory.is_dir():
+        raise UserError(f"{directory}: no such directory (give the experiment's output_dir, e.g. fx runs runs)")
+    if sort not in SORT_KEYS:
+        raise UserError(f"--sort {sort!r}: one of {', '.join(SORT_KEYS)}{did_you_mean(sort, SORT_KEYS)}")
+    rows = [row(p) for p in sorted(directory.iterdir()) if RunDir(p).is_run()]
+    present = [r for r in rows if getattr(r, sort) is not None]
+    absent = [r for r in rows if getattr(r, sort) is None]
+    return sorted(present, key=lambda r: getattr(r, sort), reverse=reverse) + absent
+
+
+def resolve(directory: Path, name: str) -> Path:
+    """A run given as a path, or by its name inside ``directory``."""
+    for candidate in (Path(name), directory / name):
+        if RunDir(candidate).is_run():
+            return candidate
+    known = [p.name for p in directory.iterdir() if RunDir(p).is_run()] if directory.is_dir() else []
+    raise UserError(f"{name}: no such run in {directory}{did_you_mean(name, known)}")
+
+
+def _measure(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def compare(a: Path, b: Path) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
+    """``(config keys whose values differ, the summaries' measures and status)``, each as ``(key, value in a, value in b)``."""
+    (config_a, summary_a), (config_b, summary_b) = read_run(a), read_run(b)
+    config_rows = differences(config_a, config_b)
+    flat_a, flat_b = flatten(summary_a), flatten(summary_b)
+    keys = list(flat_a) + [k for k in flat_b if k not in flat_a]
+    metric_rows = [(k, flat_a.get(k), flat_b.get(k)) for k in keys if k in ("status", "error") or _measure(flat_a.get(k)) or _measure(flat_b.get(k))]
+    return config_rows, metric_rows

@@ -1,0 +1,94 @@
+"""The core sections of an experiment file and what each key may hold; plugins' sections bring their own."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from fx.plan.gpus import GPUS, budget_gib
+from fx.settings import Settings, did_you_mean
+
+
+class ExperimentSettings(Settings):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    description: str = ""
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    output_dir: str = Field("runs", min_length=1, max_length=4096)
+
+
+class DataSettings(Settings):
+    source: str
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "text", "preference", "sharegpt_preference"] = "auto"
+    # the format's column (or turn key) name -> the file's name for it, e.g. {instruction = "question"}
+    columns: dict[str, str] = Field(default_factory=dict)
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    max_length: int = Field(1024, ge=16, le=131072)
+    max_rows: int | None = Field(None, ge=1, le=10**9)
+
+
+class EvaluateSettings(Settings):
+    enabled: bool = True
+    metric: Literal["none", "contains", "exact_match"] = "none"
+    max_examples: int = Field(32, ge=1, le=100_000)
+    max_new_tokens: int = Field(48, ge=1, le=4096)
+
+
+class GenerateSettings(Settings):
+    enabled: bool = True
+    prompts: list[str] = Field(default_factory=list, max_length=256)
+    count: int = Field(4, ge=0, le=256)
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+
+
+class MergeSettings(Settings):
+    """Merge the adapter into the base reloaded in 16 bits and save a plain transformers model in ``merged/``.
+    ``auto``: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU (fp16 matmuls there are
+    slow or unsupported)."""
+
+    enabled: bool = False
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+
+
+class BudgetSettings(Settings):
+    """``[budget]``: the GPU memory a run may use. fx plans before loading, refuses a run that won't fit
+    (``refuse``), or picks the largest micro-batch that fits (``auto``), and caps the CUDA allocator to it."""
+
+    gpu: str | None = None
+    vram_gib: float | None = Field(None, gt=0, le=4096)
+    auto: bool = False
+    refuse: bool = True
+
+    @field_validator("gpu")
+    @classmethod
+    def _known_gpu(cls, gpu: str | None) -> str | None:
+        if gpu is not None and gpu.lower() not in GPUS:
+            raise ValueError(f"unknown GPU {gpu!r}{did_you_mean(gpu.lower(), set(GPUS))} (one of: {', '.join(GPUS)})")
+        return gpu
+
+    @model_validator(mode="after")
+    def _one_size(self):
+        if self.gpu is not None and self.vram_gib is not None:
+            raise ValueError("set gpu or vram_gib, not both")
+        if self.auto and self.gpu is None and self.vram_gib is None:
+            raise ValueError("auto needs a budget: set gpu or vram_gib")
+        return self
+
+    def gib(self) -> float | None:
+        if self.gpu is not None:
+            return budget_gib(self.gpu)
+        return self.vram_gib
+
+    def label(self) -> str:
+        return self.gpu if self.gpu is not None else f"{self.vram_gib:g} GiB"
+
+
+class StagesSettings(Settings):
+    evaluate: EvaluateSettings = EvaluateSettings()
+    generate: GenerateSettings = GenerateSettings()
+    merge: MergeSettings = MergeSettings()
+
+
+class CheckpointSettings(Settings):
+    every_steps: int = Field(50, ge=0, le=10**9)  # 0: only at the end
+    keep: int = Field(2, ge=1, le=1000)  # the newest K checkpoints are kept

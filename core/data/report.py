@@ -1,0 +1,133 @@
+"""``fx data``: what the model will be trained on, before a run spends time on it.
+
+A few training examples rendered through the experiment's template with the loss-bearing text marked, the
+token-length distribution under that template and tokenizer, how many rows ``data.max_length`` truncates, and
+a histogram of the lengths as a PNG.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from fx.config import Experiment
+from fx.data.prepare import load_examples
+from fx.data.templating import Rendered, encode
+from fx.data.tokenize import renderings
+from fx.errors import UserError
+from fx.files import write_atomic
+
+OPEN, CLOSE = "⟦", "⟧"  # around loss-bearing text in the printed examples
+
+
+@dataclass
+class LengthStats:
+    rows: int
+    min: int
+    median: float
+    p95: int
+    max: int
+    truncated: int  # rows longer than max_length
+    unanswered: int  # rows whose answers all fall beyond max_length
+
+    @classmethod
+    def of(cls, lengths: list[int], max_length: int, unanswered: int) -> LengthStats:
+        ordered = sorted(lengths)
+        p95 = ordered[max(0, -(-95 * len(ordered) // 100) - 1)]  # nearest rank
+        return cls(len(ordered), ordered[0], statistics.median(ordered), p95, ordered[-1],
+                   sum(n > max_length for n in ordered), unanswered)
+
+
+def length_histogram(lengths: list[int], max_length: int, path: Path, title: str) -> Path:
+    """Write a histogram of token lengths with ``max_length`` marked; written beside, then renamed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)  # Agg, without touching pyplot's global backend
+    ax = fig.subplots()
+    ax.hist(lengths, bins=min(40, max(lengths) - min(lengths) + 1), color="#4c72b0", edgecolor="white", linewidth=0.3)
+    ax.axvline(max_length, color="#c44e52", linestyle="--", label=f"max_length = {max_length}")
+    over = sum(n > max_length for n in lengths)
+    ax.set(title=title, xlabel="tokens per row (before truncation)", ylabel="rows")
+    ax.legend(title=f"{over} of {len(lengths)} truncated", loc="upper right")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, buffer.getvalue())
+    return path
+
+
+def segments(rendered: Rendered, tokenizer, max_length: int) -> tuple[list[tuple[str, bool]], bool]:
+    """The rendered text as training sees it, cut where truncation cuts it, as (text, carries loss) pieces;
+    and whether it was cut."""
+    offsets = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    cut = offsets[max_length][0] if len(offsets) > max_length else len(rendered.text)
+    pieces, position = [], 0
+    for start, end in rendered.spans:
+        if start >= cut:
+            break
+        pieces += [(rendered.text[position:start], False), (rendered.text[start:min(end, cut)], True)]
+        position = min(end, cut)
+    pieces.append((rendered.text[position:cut], False))
+    return [(text, loss) for text, loss in pieces if text], cut < len(rendered.text)
+
+
+@dataclass
+class Report:
+    stats: LengthStats
+    examples: list[tuple[str, list[tuple[str, bool]], bool]]  # (label, pieces, truncated)
+    histogram: Path
+    train_rows: int
+    held_out_rows: int
+    preference: bool
+
+
+def build(exp: Experiment, count: int, png: Path | None) -> Report:
+    train, held = load_examples(exp)
+    tokenizer = exp.model.cls(exp.model.settings).tokenizer()
+    template = exp.template.cls(exp.template.settings, tokenizer)
+    max_length = exp.data.max_length
+    lengths, unanswered, shown = [], 0, []
+    try:
+        for index, example in enumerate(train + held):
+            rendered_all = renderings(template, example)
+            for which, rendered in zip(("chosen", "rejected") if example.is_preference else ("",), rendered_all):
+                row, length = encode(tokenizer, rendered, max_length)
+                lengths.append(length)
+                unanswered += all(label == -100 for label in row["labels"])
+                if index < min(count, len(train)):
+                    pieces, cut = segments(rendered, tokenizer, max_length)
+                    shown.append((f"train example {index + 1}" + (f" ({which})" if which else ""), pieces, cut))
+    except ValueError as exc:
+        raise UserError(f"template {exp.template.name!r}: {exc}") from None
+    path = png or Path(exp.experiment.output_dir) / f"{exp.experiment.name}-lengths.png"
+    title = f"{exp.experiment.name}: template {exp.template.name!r}"
+    return Report(LengthStats.of(lengths, max_length, unanswered), shown, length_histogram(lengths, max_length, path, title),
+                  len(train), len(held), train[0].is_preference)
+
+
+def show(exp: Experiment, report: Report, console) -> None:
+    from rich.rule import Rule
+    from rich.text import Text
+
+    s = report.stats
+    kind = "preference pairs (each rendered with its chosen and its rejected answer)" if report.preference else "rows"
+    console.print(f"{exp.path}: {report.train_rows} training and {report.held_out_rows} held-out {kind}; "
+                  f"template {exp.template.name!r}, model {exp.model.name!r}")
+    if report.examples:
+        console.print(f"Loss-bearing text is marked {OPEN}like this{CLOSE}.")
+    for label, pieces, cut in report.examples:
+        console.print(Rule(label + (f" — truncated at data.max_length = {exp.data.max_length}" if cut else "")))
+        out = Text()
+        for text, loss in pieces:
+            out.append(f"{OPEN}{text}{CLOSE}" if loss else text, style="bold green" if loss else None)
+        console.print(out, highlight=False, markup=False)
+    console.print(Rule("token lengths"))
+    console.print(f"{s.rows} rendered rows: min {s.min}, median {s.median:g}, p95 {s.p95}, max {s.max} tokens")
+    console.print(f"truncated at data.max_length = {exp.data.max_length}: {s.truncated} of {s.rows} rows"
+                  + (f"; {s.unanswered} keep no answer token and would be dropped" if s.unanswered else ""))
+    console.print(f"histogram: {report.histogram}")

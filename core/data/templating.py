@@ -1,0 +1,128 @@
+"""Prompt templates: one class renders a conversation for training (text and the character spans that carry loss)
+and for generation (the same text, cut where the next answer begins), so the two cannot disagree about the prompt."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from fx import settings
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class Rendered:
+    text: str
+    spans: tuple[tuple[int, int], ...]  # [start, end) character ranges that carry loss
+
+
+class Template:
+    """Base class of template plugins. Subclasses implement :meth:`render` and :meth:`prompt`."""
+
+    description = ""
+
+    class Settings(settings.Settings):
+        system_prompt: str | None = None
+
+    def __init__(self, settings: Settings, tokenizer=None):
+        self.settings = settings
+        self.tokenizer = tokenizer
+
+    @property
+    def bos(self) -> str:
+        """The beginning-of-sequence token as text: the tokenizer's, or Llama's ``<s>`` without one."""
+        return getattr(self.tokenizer, "bos_token", None) or "<s>"
+
+    @property
+    def eos(self) -> str:
+        """The end-of-sequence token as text: the tokenizer's, or Llama's ``</s>`` without one.
+
+        Formats that close an answer with the model's end-of-sequence token (Llama 2, Alpaca, Vicuna) use the
+        tokenizer's, so a trained model learns to emit the token generation stops on.
+        """
+        return getattr(self.tokenizer, "eos_token", None) or "</s>"
+
+    @property
+    def stop(self) -> str:
+        """The text that ends an answer: generation stops there and the answer is cut before it."""
+        return self.eos
+
+    def with_system(self, messages: list[Message]) -> list[Message]:
+        """The conversation with the configured system prompt first, unless it already has one."""
+        if self.settings.system_prompt is not None and (not messages or messages[0]["role"] != "system"):
+            return [{"role": "system", "content": self.settings.system_prompt}, *messages]
+        return list(messages)
+
+    def split_system(self, messages: list[Message]) -> tuple[str | None, list[Message]]:
+        """The system prompt (the row's, else the configured one, else None) and the turns after it."""
+        messages = self.with_system(messages)
+        system = None
+        if messages and messages[0]["role"] == "system":
+            system, messages = messages[0]["content"], messages[1:]
+        for message in messages:
+            if message["role"] not in ("user", "assistant"):
+                raise ValueError(f"a {message['role']!r} message can only come first in a conversation")
+        return system, messages
+
+    def render(self, messages: list[Message]) -> Rendered:
+        """The whole conversation, with every assistant answer (and its end-of-turn marker) as a loss span."""
+        raise NotImplementedError
+
+    def prompt(self, messages: list[Message]) -> str:
+        """The text a model continues to answer the last user turn of ``messages``.
+
+        By default the rendering of the conversation itself, which for a format that opens the answer at the end
+        of the user turn ends exactly where the answer begins; formats that add a generation prefix override it.
+        """
+        ends_with_user(messages)
+        return self.render(messages).text
+
+    def parse_text(self, text: str) -> list[Message] | None:
+        """A pre-formatted training text split back into a conversation, or None when this template can't."""
+        return None
+
+    def chat_template(self) -> str | None:
+        """A Jinja chat template that renders conversations exactly as :meth:`render` and :meth:`prompt` do (the
+        configured system prompt included). It is saved with a merged model, so that plain transformers'
+        ``apply_chat_template`` prompts the model the way it was trained. None when this template has none."""
+        return None
+
+    def system_prelude(self) -> str:
+        """Jinja that puts the configured system prompt first unless the conversation has one (:meth:`with_system`)."""
+        if self.settings.system_prompt is None:
+            return ""
+        system = json.dumps(self.settings.system_prompt)  # a valid Jinja string literal
+        return ("{%- if not messages or messages[0]['role'] != 'system' %}"
+                f"{{%- set messages = [{{'role': 'system', 'content': {system}}}] + messages %}}"
+                "{%- endif %}")
+
+
+def content(message: Message) -> str:
+    """A message's text; an Alpaca row's user turn carries its ``input`` apart, joined here after a blank line."""
+    extra = message.get("input")
+    return f"{message['content']}\n\n{extra}" if extra else message["content"]
+
+
+def ends_with_user(messages: list[Message]) -> None:
+    if not messages or messages[-1]["role"] != "user":
+        raise ValueError("a generation prompt must end with a user message")
+
+
+def encode(tokenizer, rendered: Rendered, max_length: int) -> tuple[dict[str, list[int]], int]:
+    """Token ids and labels (-100 outside the loss spans) truncated to ``max_length``, and the untruncated length.
+
+    Tokens are assigned to a span by where they start, so a token that begins an answer with a space
+    belongs to the answer.
+    """
+    enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
+    ids = enc["input_ids"][:max_length]
+    labels = []
+    for token_id, (start, end) in zip(ids, enc["offset_mapping"]):
+        inside = any(s <= start < e for s, e in rendered.spans)
+        labels.append(token_id if inside else -100)
+    return {"input_ids": ids, "labels": labels}, len(enc["input_ids"])
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -1,0 +1,174 @@
+"""Held-out measurements: loss and perplexity on answer tokens, generated answers, and a task metric."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from fx.data.formats import Example
+from fx.data.templating import Template, encode_prompt
+from fx.data.tokenize import prompt_of
+
+
+def _batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def heldout_loss(model, rows: list[dict[str, list[int]]], pad_id: int, batch_size: int = 8) -> dict[str, float]:
+    """Mean cross-entropy over the held-out rows' answer tokens (token-weighted), and its perplexity."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    dev = next(p.device for p in model.parameters())
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in _batches(rows, batch_size):
+            width = max(len(r["input_ids"]) for r in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, r in enumerate(batch):
+                n = len(r["input_ids"])
+                ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
+            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(dev)
+            loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                                   ignore_index=-100, reduction="sum")
+            total += loss.item()
+            count += int((shift_labels != -100).sum())
+    mean = total / max(count, 1)
+    return {"loss": round(mean, 4), "perplexity": round(math.exp(min(mean, 50)), 3)}
+
+
+def generate(model, tokenizer, template: Template, conversations: list[list[dict]], max_new_tokens: int,
+             batch_size: int = 8, streamer=None) -> list[str]:
+    """Greedy answers to the last user turn of each conversation, prompted exactly as training rendered it.
+    A ``streamer`` (transformers' TextStreamer) receives the tokens as they come; it takes one conversation."""
+    import torch
+
+    model.eval()
+    dev = next(p.device for p in model.parameters())
+    answers = []
+    stop = [t for t in {tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)} if t is not None]
+    stop = [x for t in stop for x in (t if isinstance(t, list) else [t])]
+    end = tokenizer.convert_tokens_to_ids(template.stop)  # the template's end of an answer, when it is one token
+    if isinstance(end, int) and tokenizer.convert_ids_to_tokens(end) == template.stop:
+        stop.append(end)
+    for batch in _batches(conversations, batch_size):
+        prompts = [encode_prompt(tokenizer, template.prompt(c)) for c in batch]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
+            ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
+                                 streamer=streamer)
+        for row in out[:, width:]:
+            text = tokenizer.decode(row, skip_special_tokens=False).split(template.stop)[0]
+            for special in tokenizer.all_special_tokens:
+                text = text.replace(special, "")
+            answers.append(text.strip())
+    return answers
+
+
+def _normal(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def score(metric: str, answers: list[str], examples: list[Example], references: list[str]) -> dict[str, Any]:
+    """``contains``: every string in the row's ``expect`` column is in the answer (case-insensitive); rows
+    without ``expect`` are not scored. ``exact_match``: the answer equals the reference, whitespace and case aside."""
+    hits = total = 0
+    for answer, example, reference in zip(answers, examples, references):
+        if metric == "contains":
+            expect = example.extra.get("expect")
+            if not expect:
+                continue
+            ok = all(_normal(e) in _normal(answer) for e in expect)
+        else:
+            ok = _normal(answer) == _normal(reference)
+        hits, total = hits + ok, total + 1
+    return {metric: round(hits / total, 4) if total else None, f"{metric}_hits": hits, f"{metric}_total": total}
+
+
+def task_metric(model, tokenizer, template, examples: list[Example], settings) -> tuple[dict[str, Any], list[str]]:
+    """The ``[stages.evaluate]`` metric on answers generated to the held-out prompts (none: nothing), and the answers."""
+    if settings.metric == "none":
+        return {}, []
+    scored = [(e, pair) for e in examples[: settings.max_examples] if (pair := prompt_of(template, e)) is not None]
+    conversations = [conversation for _, (conversation, _) in scored]
+    answers = generate(model, tokenizer, template, conversations, settings.max_new_tokens)
+    references = [reference for _, (_, reference) in scored]
+    return score(settings.metric, answers, [e for e, _ in scored], references), answers
+
+
+def evaluate(model, tokenizer, template, rows, examples: list[Example], settings) -> tuple[dict[str, Any], list[str]]:
+    """The held-out loss and, when a metric is set, the task metric on generated answers."""
+    result = heldout_loss(model, rows, tokenizer.pad_token_id)
+    metric, answers = task_metric(model, tokenizer, template, examples, settings)
+    result.update(metric)
+    return result, answers
+
+
+def answer_logps(model, rows: list[dict[str, list[int]]], pad_id: int, batch_size: int = 4):
+    """Each preference row's summed log-probability of its chosen and of its rejected answer given the prompt, and
+    the answers' token counts: four lists, in row order."""
+    import torch
+
+    model.eval()
+    dev = next(p.device for p in model.parameters())
+    sums: dict[str, list[float]] = {"chosen": [], "rejected": []}
+    counts: dict[str, list[int]] = {"chosen": [], "rejected": []}
+    with torch.no_grad():
+        for batch in _batches(rows, batch_size):
+            seqs = [(r["prompt_ids"], r[f"{side}_ids"], side) for side in ("chosen", "rejected") for r in batch]
+            width = max(len(p) + len(a) for p, a, _ in seqs)
+            ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+            labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for i, (prompt, answer, _) in enumerate(seqs):
+                n = len(prompt) + len(answer)
+                ids[i, :n], mask[i, :n] = torch.tensor(prompt + answer), 1
+                labels[i, len(prompt):n] = torch.tensor(answer)
+            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
+            targets = labels[:, 1:].to(dev)
+            logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            per_row = (logps * (targets != -100)).sum(-1).tolist()
+            lengths = (targets != -100).sum(-1).tolist()
+            for (_, _, side), total, n in zip(seqs, per_row, lengths):
+                sums[side].append(total)
+                counts[side].append(n)
+    return sums["chosen"], sums["rejected"], counts["chosen"], counts["rejected"]
+
+
+def preference_metrics(model, rows: list[dict[str, list[int]]], pad_id: int, beta: float, reference) -> dict[str, Any]:
+    """Held-out preference measurements of a policy against its reference (``reference()``: a context manager in
+    which ``model`` computes as the reference does).
+
+    ``reward_accuracy``: the share of pairs whose implicit reward margin
+    beta * [(log p(chosen) - log p_ref(chosen)) - (log p(rejected) - log p_ref(rejected))] is above 0 (DPO's
+    ``rewards/accuracies``; exactly 0 while the policy is its reference), ``reward_margin`` its mean.
+    ``logp_accuracy``: the share where the policy itself gives the chosen answer the higher summed log-probability;
+    ``logp_accuracy_per_token`` compares mean log-probabilities per answer token instead (answers of different
+    lengths); ``logp_margin``: the mean summed difference. ``chosen_loss``: mean cross-entropy per chosen token.
+    """
+    chosen, rejected, n_chosen, n_rejected = answer_logps(model, rows, pad_id)
+    with reference():
+        ref_chosen, ref_rejected, _, _ = answer_logps(model, rows, pad_id)
+    pairs = len(rows)
+    margins = [beta * ((c - rc) - (r - rr)) for c, r, rc, rr in zip(chosen, rejected, ref_chosen, ref_rejected)]
+    return {
+        "reward_accuracy": round(sum(m > 0 for m in margins) / pairs, 4),
+        "reward_margin": round(sum(margins) / pairs, 4),
+        "logp_accuracy": round(sum(c > r for c, r in zip(chosen, rejected)) / pairs, 4),
+        "logp_accuracy_per_token": round(sum(c / max(nc, 1) > r / max(nr, 1) for c, r, nc, nr in
+                                             zip(chosen, rejected, n_chosen, n_rejected)) / pairs, 4),
+        "logp_margin": round(sum(c - r for c, r in zip(chosen, rejected)) / pairs, 4),
+        "chosen_loss": round(-sum(chosen) / max(sum(n_chosen), 1), 4),
+        "pairs": pairs,
+    }

@@ -1,0 +1,50 @@
+"""Writing files and folders so that a reader sees the old version or the new one, never half of one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+def write_atomic(path: Path, content: str | bytes) -> None:
+    """Write ``content`` to a new temporary file beside ``path`` (created exclusively, so a planted link is never
+    followed), then rename it over ``path``."""
+    path = Path(path)
+    data = content.encode() if isinstance(content, str) else content
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_folder(target: Path, replace: bool = False) -> Iterator[Path]:
+    """A new temporary folder beside ``target`` to fill; on success it is renamed to ``target``.
+
+    ``replace``: an existing ``target`` is removed first. Otherwise a ``target`` that appeared meanwhile (another
+    process made the same folder) is kept and this copy discarded. On failure nothing is left behind.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
+    try:
+        yield tmp
+        if replace and target.exists():
+            shutil.rmtree(target)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if replace or not target.is_dir():
+                raise
+            shutil.rmtree(tmp)  # another process finished the same folder first
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,1 @@
+"""Plugins: the hook specifications (``specs``) and the plugin manager that loads and registers them (``manager``)."""

@@ -1,0 +1,109 @@
+"""Every hook fx calls. Plugins implement them with ``@fx.hookimpl``; docs/plugins.md has the guide.
+
+Register-callback hooks (``fx_register_*``) are called once, when the plugin manager starts; run-lifecycle hooks
+while a run goes on (trackers and any other plugin observe them).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("fx")
+hookimpl = pluggy.HookimplMarker("fx")
+
+Register = Callable[[str, type], None]
+
+
+@hookspec
+def fx_register_templates(register: Register) -> None:
+    """Register prompt templates: subclasses of :class:`fx.Template`, selected by ``[template] name``.
+
+    :param register: ``register(name, cls)``; fx records which plugin registered ``name`` and refuses a second
+        registration of it.
+    """
+
+
+@hookspec
+def fx_register_methods(register: Register) -> None:
+    """Register training methods: subclasses of :class:`fx.Method`, selected by ``[method] name``.
+
+    :param register: ``register(name, cls)``, as for templates.
+    """
+
+
+@hookspec
+def fx_register_trackers(register: Register) -> None:
+    """Register trackers: subclasses of :class:`fx.Tracker`, switched on by ``[trackers.<name>]``.
+
+    :param register: ``register(name, cls)``, as for templates.
+    """
+
+
+@hookspec
+def fx_register_models(register: Register) -> None:
+    """Register model sources: subclasses of :class:`fx.ModelSource`, selected by ``[model] source``.
+
+    :param register: ``register(name, cls)``, as for templates.
+    """
+
+
+@hookspec
+def fx_register_datasets(register: Register) -> None:
+    """Register dataset sources: subclasses of :class:`fx.DatasetSource`, selected by ``[data] source``.
+
+    :param register: ``register(name, cls)``, as for templates.
+    """
+
+
+@hookspec
+def fx_run_start(run: Any) -> None:
+    """A run begins: its directory exists and holds ``config.toml`` and ``env.json``.
+
+    :param run: the run (:class:`fx.run.Run`): ``name``, ``dir``, ``config`` (the resolved experiment as a dict),
+        ``resume_step`` (the checkpoint's step when the run resumes, else None).
+    """
+
+
+@hookspec
+def fx_log(run: Any, step: int, metrics: dict[str, float]) -> None:
+    """Metrics were logged.
+
+    :param run: the run, as for :func:`fx_run_start`; ``run.max_steps`` is known once training has started.
+    :param step: the optimizer step, counted from 1; 0 holds the measurements taken before training.
+    :param metrics: name -> value: ``loss``, ``learning_rate``, ``tokens_per_s``, ... as the method's trainer logs
+        them; held-out metrics carry an ``eval_`` prefix; on a GPU, ``peak_vram_gib`` is the most memory the CUDA
+        allocator has reserved so far.
+    """
+
+
+@hookspec
+def fx_stage_start(run: Any, stage: str) -> None:
+    """A stage begins.
+
+    :param run: the run, as for :func:`fx_run_start`.
+    :param stage: in order ``load``, ``evaluate_before``, ``generate_before``, ``train``, ``save``,
+        ``evaluate_after``, ``generate_after``, ``merge``; the evaluate, generate and merge stages run when
+        ``[stages.*]`` enables them (merge is off by default).
+    """
+
+
+@hookspec
+def fx_stage_end(run: Any, stage: str, result: dict[str, Any]) -> None:
+    """A stage ended.
+
+    :param run: the run, as for :func:`fx_run_start`.
+    :param stage: the stage's name, as for :func:`fx_stage_start`.
+    :param result: what the stage measured (may be empty).
+    """
+
+
+@hookspec
+def fx_run_end(run: Any, summary: dict[str, Any], error: BaseException | None) -> None:
+    """The run ended; ``summary.json`` and ``plots/loss.png`` are written.
+
+    :param run: the run, as for :func:`fx_run_start`.
+    :param summary: what ``summary.json`` holds.
+    :param error: the exception that ended the run, or None when it completed.
+    """

@@ -1,0 +1,186 @@
+"""``fx run``: plan -> data -> run folder -> load -> evaluate -> train -> save -> evaluate -> samples -> merge.
+
+Everything a user can get wrong (the file, the plugins, the data rows, the template, the budget) is checked before
+the run folder exists, so a refused run leaves nothing behind. Once training starts, a failure still leaves the
+folder with what was written so far and a summary that says what happened.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from fx.after.merge import merge
+from fx.config import Experiment
+from fx.data.prepare import Prepared, prepare
+from fx.data.report import length_histogram
+from fx.data.tokenize import prompt_of
+from fx.errors import Interrupted
+from fx.evaluation import generate
+from fx.files import write_atomic
+from fx.plan.gpus import GIB
+from fx.run.directory import RunDir, peak_rss_gib
+from fx.run.plots import write_loss_plot
+from fx.run.run import Run, Summary
+from fx.run.tracking import TrackerHub
+from fx.training import budget, contract, oom
+from fx.training.checkpoints import last_checkpoint
+from fx.training.method import Session
+
+
+def sample_prompts(exp: Experiment, prep: Prepared) -> list[list[dict]]:
+    settings = exp.stages.generate
+    if settings.prompts:
+        return [[{"role": "user", "content": p}] for p in settings.prompts]
+    pairs = [prompt_of(prep.template, e) for e in prep.held_out_examples]
+    return [p[0] for p in pairs if p is not None][: settings.count]
+
+
+def write_samples(path: Path, prompts: list[list[dict]], before: list[str], after: list[str]) -> None:
+    lines = ["# Samples", "", "Greedy answers to held-out prompts, before and after training, in the run's template.", ""]
+    for i, (conv, b, a) in enumerate(zip(prompts, before, after), 1):
+        lines += [f"## {i}. {conv[-1]['content']}", "", "**Before:**", "", b or "_(empty)_", "", "**After:**", "",
+                  a or "_(empty)_", ""]
+    write_atomic(path, "\n".join(lines))
+
+
+def _measure_peaks(summary: Summary, wall_s: float) -> None:
+    import torch
+
+    summary["wall_s"] = round(wall_s, 1)
+    cuda = torch.cuda.is_available()
+    summary["peak_vram_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None
+    summary["peak_vram_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None
+    summary["peak_rss_gib"] = peak_rss_gib()
+
+
+def execute(exp: Experiment, plugins, resume: Path | None = None) -> Path:
+    """Run the experiment (or continue the run in ``resume``); return the run folder."""
+    import torch
+
+    started = time.perf_counter()
+    fitted = budget.fit(exp)  # refuses a run over its budget before anything is loaded
+    exp = fitted.exp if fitted else exp
+    prep = prepare(exp)
+    folder = RunDir.create(Path(exp.experiment.output_dir), exp.experiment.name) if resume is None else RunDir(resume)
+    previous = folder.read_summary() if resume is not None else {}
+    found = last_checkpoint(folder.checkpoints) if resume is not None else None
+    run = Run(folder, exp.resolved(), plugins, resume_step=found[1] if found else None)
+    created = previous.get("created") or datetime.now().isoformat(timespec="seconds")  # kept across resumptions
+    folder.write_setup(exp.resolved(), {"experiment_file": str(exp.path.resolve()), "base_dir": str(exp.base_dir),
+                                        "created": created})
+    length_histogram(prep.train.lengths + prep.held_out.lengths, exp.data.max_length, folder.lengths,
+                     f"{exp.experiment.name}: template {exp.template.name!r}")
+    hub = TrackerHub({t.name: t.cls(t.settings, run) for t in exp.trackers})
+    plugins.pm.register(hub, name=f"fx.trackers.active.{run.name}")
+    summary = Summary(
+        folder, name=run.name, status="running", created=created,
+        started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        model=exp.model.name, method=exp.method.name, template=exp.template.name,
+        data={"train_rows": len(prep.train.rows), "eval_rows": len(prep.held_out.rows),
+              "truncated": prep.train.truncated + prep.held_out.truncated,
+              "dropped": prep.train.dropped + prep.held_out.dropped},
+    )
+    if run.resume_step is not None:
+        summary["resumed_from_step"] = run.resume_step
+    error: BaseException | None = None
+    try:
+        plugins.hook.fx_run_start(run=run)
+        cap = budget.cap_allocator(fitted)
+        if fitted:
+            summary["memory_plan"] = {**fitted.summary(), "allocator_cap_gib": round(cap / GIB, 3) if cap else None}
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        _stages(exp, prep, run, summary, previous, fitted, cap, found[0] if found else None)
+        summary["status"] = "completed"
+    except BaseException as exc:
+        error = exc
+        if isinstance(exc, (KeyboardInterrupt, Interrupted)):
+            summary["status"] = "interrupted"
+        elif summary["status"] == "running":
+            summary["status"] = "failed"
+        if summary["status"] != "interrupted":
+            summary["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        raise
+    finally:
+        # wall time adds up across a run and its resumptions
+        _measure_peaks(summary, time.perf_counter() - started + previous.get("wall_s", 0))
+        try:  # the plot is a view of the run; a plotting failure must not hide how the run itself ended
+            write_loss_plot(run.history, folder.loss_plot, f"{run.name} ({summary['status']})")
+        except Exception as exc:
+            summary["plot_error"] = f"{type(exc).__name__}: {exc}"
+            print(f"fx: could not write plots/loss.png: {summary['plot_error']}", file=sys.stderr)
+        summary.write()
+        plugins.hook.fx_run_end(run=run, summary=dict(summary), error=error)
+        if hub.failed:
+            summary["trackers_failed"] = hub.failed
+            summary.write()
+        plugins.pm.unregister(hub)
+    return folder.path
+
+
+def _stages(exp: Experiment, prep: Prepared, run: Run, summary: Summary, previous: dict[str, Any],
+            fitted, cap: float | None, resume_from: Path | None) -> None:
+    import torch
+    from transformers import set_seed
+
+    set_seed(exp.experiment.seed)  # adapters are initialised at random when the model loads
+    method = exp.method.cls(exp.method.settings)
+    with run.stage("load") as result:
+        model = method.load(prep.source, prep.tokenizer)
+        result["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    evaluating = exp.stages.evaluate.enabled and bool(prep.held_out.rows)
+
+    def evaluate_stage(when: str, step: int) -> None:
+        """Held-out measurements into summary.json (``eval_before``/``eval_after``) and to the trackers."""
+        with run.stage(f"evaluate_{when}") as result:
+            result.update(method.evaluate(model, prep.tokenizer, prep.template, prep.held_out.rows,
+                                          prep.held_out_examples, exp.stages.evaluate))
+        summary[f"eval_{when}"] = result
+        summary.write()
+        run.log(step, {f"eval_{k}": v for k, v in result.items() if isinstance(v, (int, float))})
+
+    prompts = sample_prompts(exp, prep) if exp.stages.generate.enabled else []
+    if evaluating and "eval_before" in previous:
+        summary["eval_before"] = previous["eval_before"]  # measured before the run was interrupted
+    elif evaluating:
+        evaluate_stage("before", 0)
+    before: list[str] = []
+    if prompts:
+        with run.stage("generate_before"):
+            before = generate(model, prep.tokenizer, prep.template, prompts, exp.stages.generate.max_new_tokens)
+    checkpoints = exp.checkpoints
+    session = Session(output_dir=run.files.checkpoints, seed=exp.experiment.seed,
+                      checkpoint_every=checkpoints.every_steps, checkpoint_keep=checkpoints.keep)
+    with run.stage("train") as result:
+        try:
+            result.update(contract.train(method, model, prep.tokenizer, prep.train.rows, session, run.progress,
+                                         run.log, resume_from))
+        except torch.OutOfMemoryError as exc:
+            summary["status"] = "out_of_memory"
+            raise oom.failure(run.progress, fitted, cap, run.files.checkpoints, f"fx run --resume {run.dir}",
+                              exp.method.cls.execution_keys()) from exc
+    summary.update(result)
+    summary.write()
+    stopped = run.progress.stop_signal
+    if stopped is not None:
+        raise Interrupted(f"stopped by {signal.Signals(stopped).name} after step {result.get('steps')}; checkpoint "
+                          f"written. Resume with: fx run --resume {run.dir}", stopped)
+    with run.stage("save") as result:
+        result["adapter"] = str(run.files.save_adapter(lambda folder: method.save(model, folder)))
+    if evaluating:
+        evaluate_stage("after", summary.get("steps", 0))
+    if prompts:
+        with run.stage("generate_after"):
+            after = generate(model, prep.tokenizer, prep.template, prompts, exp.stages.generate.max_new_tokens)
+        write_samples(run.files.samples, prompts, before, after)
+    if exp.stages.merge.enabled:
+        del model  # the 4-bit model leaves memory before the 16-bit base comes in
+        with run.stage("merge") as result:
+            result.update(merge(exp, run.dir, run.files.merged, exp.stages.merge.dtype))
+        summary["merge"] = result
+        summary.write()

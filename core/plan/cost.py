@@ -1,0 +1,270 @@
+"""Peak GPU memory of a QLoRA training run, component by component, from the architecture and the workload.
+
+Each formula follows what the libraries fx trains with keep on the GPU (docs/memory.md, "How the estimate is
+made"); the constants below that are measured, not derived, were fitted on an H100 (scripts/measure_memory.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fx.plan.gpus import GIB
+from fx.plan.shapes import Architecture, Workload
+
+BNB_BLOCK = 64               # bitsandbytes' 4-bit block size
+PAGED_MIN_NUMEL = 100_000    # bitsandbytes pages optimizer states of tensors at least this large
+LOGPROB_TOKENS = 4096        # trl's fused LM head: tokens per tile
+LOGPROB_VOCAB = 32768        # trl's fused LM head: vocabulary entries per tile
+CUDA_CONTEXT_GIB = 0.7       # driver, kernels and cuBLAS outside PyTorch's allocator (0.66 measured on an H100)
+BACKWARD_WORKSET = 4.0       # bytes per token x intermediate size alive at once in one layer's backward (calibrated)
+# allocator slack (reserved - allocated) with expandable segments, fitted on an H100: a fixed part and shares of
+# the working set (allocated and freed layer by layer) and of the saved activations
+SLACK_FIXED_GIB, SLACK_WORKING, SLACK_SAVED = 0.2, 0.07, 0.015
+
+
+def dtype_bytes(name: str) -> int:
+    return 4 if name == "float32" else 2
+
+
+@dataclass
+class Component:
+    name: str
+    bytes: float
+    note: str = ""
+    in_allocator: bool = True  # False: CUDA context and paged optimizer states, which max_memory_reserved can't see
+
+    @property
+    def gib(self) -> float:
+        return self.bytes / GIB
+
+
+@dataclass
+class Plan:
+    arch: Architecture
+    work: Workload
+    components: list[Component]
+    activations_other: float  # activation bytes with gradient checkpointing flipped, for the table
+    config_origin: str = ""
+
+    @property
+    def total(self) -> float:
+        return sum(c.bytes for c in self.components)
+
+    @property
+    def reserved(self) -> float:
+        """What ``torch.cuda.max_memory_reserved`` should read at the peak."""
+        return sum(c.bytes for c in self.components if c.in_allocator)
+
+    @property
+    def outside_allocator(self) -> float:
+        return sum(c.bytes for c in self.components if not c.in_allocator)
+
+    def largest(self, n: int = 3) -> list[Component]:
+        return sorted(self.components, key=lambda c: c.bytes, reverse=True)[:n]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "total_gib": round(self.total / GIB, 3),
+            "reserved_gib": round(self.reserved / GIB, 3),
+            "outside_allocator_gib": round(self.outside_allocator / GIB, 3),
+            "config_origin": self.config_origin,
+            "workload": {k: v for k, v in self.work.__dict__.items() if k != "keys"},
+            "components": [{"name": c.name, "gib": round(c.gib, 3), "note": c.note,
+                            "in_allocator": c.in_allocator} for c in self.components],
+            "activations_gib_with_checkpointing": round(
+                (self.activation_bytes if self.work.gradient_checkpointing else self.activations_other) / GIB, 3),
+            "activations_gib_without_checkpointing": round(
+                (self.activations_other if self.work.gradient_checkpointing else self.activation_bytes) / GIB, 3),
+        }
+
+    @property
+    def activation_bytes(self) -> float:
+        """Activations with their working set, as the table's other-way figure counts them."""
+        return sum(c.bytes for c in self.components
+                   if c.name in ("activations", "backward working set", "logits and loss", "reference forward"))
+
+
+def quantised_bytes(arch: Architecture, work: Workload) -> tuple[float, float]:
+    """(packed 4-bit weights, quantisation constants) of every decoder layer's linears."""
+    numel = arch.layers * sum(i * o for i, o in arch.linears().values())
+    blocks = numel / BNB_BLOCK
+    if work.double_quant:
+        constants = blocks * 1 + blocks / 256 * 4  # 8-bit absmax, plus one fp32 constant per 256 of them
+    else:
+        constants = blocks * 4
+    return numel / 2, constants
+
+
+def lora_shapes(arch: Architecture, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    linears = arch.linears()
+    if "all-linear" in targets:
+        return linears
+    return {name: shape for name, shape in linears.items() if name in targets}
+
+
+def lora_params(arch: Architecture, work: Workload) -> tuple[int, list[int]]:
+    """Total LoRA parameters and the element count of each LoRA matrix (A and B of every module)."""
+    sizes = []
+    for fan_in, fan_out in lora_shapes(arch, work.lora_targets).values():
+        sizes += [work.lora_r * fan_in, work.lora_r * fan_out]
+    return arch.layers * sum(sizes), sizes * arch.layers
+
+
+def layer_activation_bytes(arch: Architecture, work: Workload) -> float:
+    """Bytes autograd keeps per token for one decoder layer's backward (no checkpointing).
+
+    Per token, with d the compute dtype's size: each RMSNorm keeps its fp32 input (4h; its weight is frozen,
+    so the normalised output is not kept); attention (SDPA) keeps q and k after rotary embedding, v, its
+    output and a log-sum-exp per head (rotary's multiplications by cos and sin keep only cos and sin); the
+    SwiGLU MLP keeps the gate projection, its activation and the up projection (3 x d x intermediate). The
+    4-bit linears keep nothing: their weights are frozen. A LoRA module with dropout keeps the dropout mask
+    (1 byte) and the dropped input (d bytes) per input feature, plus its rank-r hidden; without dropout it
+    keeps the input it shares with the other modules reading it. Checked against the bytes autograd saves
+    on the GPU (``scripts/measure_memory.py --probe``).
+    """
+    h, i, kv, d = arch.hidden, arch.intermediate, arch.kv_dim, dtype_bytes(work.compute_dtype)
+    norms = 2 * 4 * h
+    kv_saved = kv if arch.kv_heads == arch.heads else h  # repeat_kv materialises grouped keys and values
+    attention = d * h + 2 * d * kv_saved + d * h + 4 * arch.heads
+    mlp = 3 * d * i
+    lora = 0.0
+    shared_inputs = set()
+    for name, (fan_in, _) in lora_shapes(arch, work.lora_targets).items():
+        lora += d * work.lora_r
+        if work.lora_dropout > 0:
+            lora += (1 + d) * fan_in
+        else:
+            shared_inputs.add("attn_in" if name in ("q_proj", "k_proj", "v_proj") else
+                              "mlp_in" if name in ("gate_proj", "up_proj") else name)
+    for key in shared_inputs:
+        lora += d * (i if key == "down_proj" else h)
+    return norms + attention + mlp + lora
+
+
+def saved_activation_bytes(arch: Architecture, work: Workload, checkpointing: bool) -> float:
+    """Activations alive when backward starts: every layer's saved tensors, or with gradient checkpointing only
+    each layer's input (the compute dtype's hidden state per token)."""
+    n = work.tokens
+    if checkpointing:
+        return arch.layers * dtype_bytes(work.compute_dtype) * arch.hidden * n
+    return arch.layers * layer_activation_bytes(arch, work) * n
+
+
+def layer_working_bytes(arch: Architecture, work: Workload, checkpointing: bool) -> float:
+    """What one layer's backward holds on top of the saved activations: with checkpointing, the layer's
+    recomputed activations; the gradient of the residual stream and the layer's gradient temporaries
+    (BACKWARD_WORKSET x intermediate per token); the hidden states' gradient and the final norm's tensors
+    (6h per token with checkpointing, 16h without, as measured on an H100)."""
+    n = work.tokens
+    workset = BACKWARD_WORKSET * arch.intermediate * n
+    if checkpointing:
+        return layer_activation_bytes(arch, work) * n + workset + 6 * arch.hidden * n
+    return workset + 16 * arch.hidden * n
+
+
+def loss_working_bytes(arch: Architecture, work: Workload) -> float:
+    """trl's fused LM head: a copy of the hidden states it scores, their fp32 gradient, the cast back, and one
+    tile of 4096 tokens x 32768 vocabulary logits; the full (batch, seq, vocab) logits never exist."""
+    n, d = work.tokens, dtype_bytes(work.compute_dtype)
+    return n * arch.hidden * (d + 4 + d) + min(n, LOGPROB_TOKENS) * LOGPROB_VOCAB * d
+
+
+def reference_forward_bytes(arch: Architecture, work: Workload) -> float:
+    """DPO's reference forward (no grad, adapter off), run while the policy's activations wait for backward: the
+    policy's final hidden states kept for its LM head's backward (h per token), plus the larger of one layer's
+    transient forward tensors (its input and output, the MLP's gate, up and activation: 2h + 3 x intermediate per
+    token) and the fused LM head's no-grad working set (its input and one logit tile). 0 without a reference."""
+    if not work.reference_forward:
+        return 0.0
+    n, d = work.tokens, dtype_bytes(work.compute_dtype)
+    layer = n * d * (2 * arch.hidden + 3 * arch.intermediate)
+    head = n * arch.hidden * d + min(n, LOGPROB_TOKENS) * LOGPROB_VOCAB * d
+    return n * arch.hidden * d + max(layer, head)
+
+
+def activation_bytes(arch: Architecture, work: Workload, checkpointing: bool) -> float:
+    """Saved activations plus the largest working set on top of them (a layer's backward, the loss's, DPO's
+    reference forward)."""
+    return saved_activation_bytes(arch, work, checkpointing) + max(
+        layer_working_bytes(arch, work, checkpointing), loss_working_bytes(arch, work), reference_forward_bytes(arch, work))
+
+
+def optimizer_bytes(work: Workload, sizes: list[int], param_bytes: int) -> tuple[float, float]:
+    """(inside the allocator, paged outside it) bytes of the optimizer's states."""
+    inside = outside = 0.0
+    for numel in sizes:
+        if work.optim in ("paged_adamw_32bit", "adamw_bnb_32bit"):
+            per = 8
+        elif work.optim in ("paged_adamw_8bit", "adamw_bnb_8bit"):
+            per = 2 if numel >= 4096 else 8
+        else:  # torch AdamW keeps its two states in the parameter's dtype
+            per = 2 * param_bytes
+        if work.optim.startswith("paged") and numel >= PAGED_MIN_NUMEL:
+            outside += per * numel
+        else:
+            inside += per * numel
+    return inside, outside
+
+
+def plan(arch: Architecture, work: Workload, config_origin: str = "") -> Plan:
+    d = dtype_bytes(work.compute_dtype)
+    packed, constants = quantised_bytes(arch, work)
+    embed = arch.vocab * arch.hidden * d
+    head = 0 if arch.tied else arch.vocab * arch.hidden * d
+    norms = (2 * arch.layers + 1) * arch.hidden * d
+    n_lora, sizes = lora_params(arch, work)
+    # trl casts LoRA weights of a quantised model to bfloat16; fx keeps them in float32 under fp16 mixed precision
+    lora_dtype = "float32" if work.compute_dtype == "float16" else "bfloat16"
+    lora_bytes = 4 if lora_dtype == "float32" else 2
+    opt_inside, opt_paged = optimizer_bytes(work, sizes, lora_bytes)
+    ckpt = work.gradient_checkpointing
+    saved = saved_activation_bytes(arch, work, ckpt)
+    other = activation_bytes(arch, work, not ckpt)
+    layer, loss = layer_working_bytes(arch, work, ckpt), loss_working_bytes(arch, work)
+    ref = reference_forward_bytes(arch, work)
+    largest = max(i * o for i, o in arch.linears().values())
+    dequant = largest * d  # one dequantised weight while its matmul runs
+    # Gradients are freed after each optimizer step (set_to_none) and rebuilt during backward, so at the backward
+    # peak they exist only when accumulation carries them over from the micro-batch before, or when graphed steps
+    # add them into buffers that stay (fx.graphs).
+    grads = n_lora * lora_bytes if work.gradient_accumulation > 1 or work.persistent_grads else 0.0
+    components = [
+        Component("4-bit weights", packed, f"{work.quant_type}, {arch.layers} layers x 7 linears"),
+        Component("quantisation constants", constants,
+                  "absmax per 64 weights" + (", double-quantised" if work.double_quant else " (fp32)")),
+        Component("16-bit modules", embed + head + norms,
+                  f"embeddings, {'tied ' if arch.tied else ''}lm_head, norms in {work.compute_dtype}"),
+        Component("LoRA parameters", n_lora * lora_bytes, f"r={work.lora_r} on {', '.join(work.lora_targets)}: "
+                  f"{n_lora / 1e6:.1f}M params, {lora_dtype}"),
+        Component("LoRA gradients", grads, f"{n_lora * lora_bytes / GIB:.2f} GiB, "
+                  + ("kept across accumulation steps" if work.gradient_accumulation > 1 else
+                     "fixed buffers of the CUDA-graphed steps" if grads else
+                     "rebuilt during backward: not alive at the peak")),
+        Component("optimizer states", opt_inside, work.optim + (" (states of small tensors)" if opt_paged else "")),
+        Component("activations", saved,
+                  f"kept for backward, {work.shape}, checkpointing "
+                  f"{'on' if ckpt else 'off'} (the other way, with its working set: {other / GIB:.2f} GiB)"),
+        Component("backward working set", layer if layer >= max(loss, ref) else 0.0,
+                  ("one layer recomputed, its gradient temporaries" if ckpt else "one layer's gradient temporaries")
+                  + ("" if layer >= loss else f" ({layer / GIB:.2f} GiB, below the loss's)")),
+        Component("logits and loss", loss if loss > layer and loss >= ref else 0.0,
+                  "trl's fused LM head, 4096 x 32768 logit tiles" + ("" if loss > layer and loss >= ref else
+                                                                      f" ({loss / GIB:.2f} GiB, freed before the layers' backward)")),
+        Component("dequantised weight", dequant, "one base weight in the compute dtype during its matmul"),
+    ]
+    if work.reference_forward:
+        components.insert(-1, Component("reference forward", ref if ref > max(layer, loss) else 0.0,
+                                         "DPO's no-grad reference pass, adapter off, beside the policy's activations"
+                                         + ("" if ref > max(layer, loss) else f" ({ref / GIB:.2f} GiB, not at the peak)")))
+    if work.reference_adapter:
+        components.insert(4, Component("reference adapter", n_lora * 4, "a frozen float32 copy of the initial adapter"))
+    working = max(layer, loss, ref) + dequant
+    slack = SLACK_FIXED_GIB * GIB + SLACK_WORKING * working + SLACK_SAVED * saved
+    components.append(Component("allocator slack", slack, "rounding and fragmentation (expandable segments)"))
+    if opt_paged:
+        components.append(Component("paged optimizer states", opt_paged,
+                                    "bitsandbytes unified memory, outside PyTorch's allocator", in_allocator=False))
+    components.append(Component("CUDA context", CUDA_CONTEXT_GIB * GIB, "driver, kernels, cuBLAS, outside the allocator",
+                                in_allocator=False))
+    return Plan(arch, work, components, other, config_origin)

@@ -1,0 +1,122 @@
+"""A run's folder: the one place that knows its layout, writes its files atomically and reads a run back."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sys
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fx.errors import UserError
+from fx.files import atomic_folder, write_atomic
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+LIBRARIES = ("fx", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "pluggy", "pydantic")
+
+
+class RunDir:
+    """The files of one run. ``config.toml`` (the resolved experiment) makes a folder a run."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    config = property(lambda self: self.path / "config.toml")  # the resolved experiment, reloadable
+    env = property(lambda self: self.path / "env.json")  # library versions and hardware
+    origin = property(lambda self: self.path / "run.json")  # where the experiment file was, when it was made
+    summary = property(lambda self: self.path / "summary.json")
+    adapter = property(lambda self: self.path / "adapter")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    samples = property(lambda self: self.path / "samples.md")
+    lengths = property(lambda self: self.path / "lengths.png")
+    loss_plot = property(lambda self: self.path / "plots" / "loss.png")
+    merged = property(lambda self: self.path / "merged")
+    metrics = property(lambda self: self.path / "metrics.jsonl")  # the jsonl tracker's default file
+
+    @classmethod
+    def create(cls, output_dir: Path, name: str) -> RunDir:
+        """A new, empty run folder ``<output_dir>/<name>-<timestamp>``."""
+        output_dir.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        for n in range(1000):
+            folder = output_dir / (f"{name}-{stamp}" + (f"-{n}" if n else ""))
+            try:
+                folder.mkdir()
+                return cls(folder)
+            except FileExistsError:
+                continue
+        raise RuntimeError(f"cannot create a run folder in {output_dir}")
+
+    def is_run(self) -> bool:
+        return self.config.is_file()
+
+    def write_setup(self, config: dict[str, Any], origin: dict[str, Any]) -> None:
+        write_atomic(self.config, tomli_w.dumps(config))
+        write_atomic(self.env, json.dumps(environment(), indent=2) + "\n")
+        write_atomic(self.origin, json.dumps(origin, indent=2) + "\n")
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_atomic(self.summary, json.dumps(summary, indent=2) + "\n")
+
+    def read_config(self) -> dict[str, Any]:
+        try:
+            return tomllib.loads(self.config.read_text())
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{self.path}: not a readable fx run ({exc})") from None
+
+    def read_summary(self) -> dict[str, Any]:
+        """The summary, or ``{}`` when the run never wrote one."""
+        try:
+            return json.loads(self.summary.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def read_origin(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.origin.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def save_adapter(self, save) -> Path:
+        """``save(folder)`` writes the adapter into a new folder, which then replaces ``adapter/``."""
+        with atomic_folder(self.adapter, replace=True) as tmp:
+            save(tmp)
+        return self.adapter
+
+
+def environment() -> dict[str, Any]:
+    """Library versions and hardware, so a run can be repeated and its numbers read in context."""
+    import torch
+
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    hardware: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "cuda": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        hardware.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                        gpu_capability=f"{props.major}.{props.minor}", cuda_version=torch.version.cuda)
+    return {"libraries": versions, "hardware": hardware}
+
+
+def peak_rss_gib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # ru_maxrss is KiB on Linux

@@ -1,0 +1,61 @@
+"""A run as plugins see it (the ``run`` argument of the lifecycle hooks), and its ``summary.json``."""
+
+from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from fx.run.directory import RunDir
+from fx.training.contract import Progress
+
+
+class Run:
+    """What a plugin sees of a run: read-only facts, and the training progress as it goes."""
+
+    def __init__(self, folder: RunDir, config: dict[str, Any], plugins, resume_step: int | None = None):
+        self.files = folder
+        self._config = config
+        self._plugins = plugins
+        self._resume_step = resume_step
+        self.progress = Progress()
+        self.history: list[tuple[int, dict[str, float]]] = []  # every fx_log call, in order (plots/loss.png)
+
+    name = property(lambda self: self.files.path.name)
+    dir = property(lambda self: self.files.path)  # the run's folder; its parent is the experiment's output_dir
+    config = property(lambda self: self._config)  # the resolved experiment, every default filled in
+    resume_step = property(lambda self: self._resume_step)  # the checkpoint's step when the run resumes, else None
+    max_steps = property(lambda self: self.progress.max_steps)  # known once training starts
+    step = property(lambda self: self.progress.step)  # optimizer steps done
+
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        """Ask training to stop after the step in progress, with a checkpoint, as SIGTERM does."""
+        self.progress.stop_signal = signum
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Send metrics to every plugin; on a GPU, add the peak memory reserved so far (``peak_vram_gib``)."""
+        import torch
+
+        if torch.cuda.is_available():
+            metrics = {**metrics, "peak_vram_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3)}
+        self.history.append((step, dict(metrics)))
+        self._plugins.hook.fx_log(run=self, step=step, metrics=metrics)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[dict[str, Any]]:
+        """Announce a stage to plugins; what the body puts in the yielded dict is the stage's result."""
+        self._plugins.hook.fx_stage_start(run=self, stage=name)
+        result: dict[str, Any] = {}
+        yield result
+        self._plugins.hook.fx_stage_end(run=self, stage=name, result=result)
+
+
+class Summary(dict):
+    """``summary.json``, rewritten after every stage so that a killed run still says how far it got."""
+
+    def __init__(self, folder: RunDir, **values):
+        super().__init__(**values)
+        self.folder = folder
+
+    def write(self) -> None:
+        self.folder.write_summary(self)

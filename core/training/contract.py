@@ -1,0 +1,134 @@
+"""The run contract, the same for every method: fx builds the method's trainer, adds its callback and trains.
+
+The callback numbers steps, forces a checkpoint at the last step and after SIGINT/SIGTERM (the step in progress
+finishes first), and sends every log to the trackers with the real tokens per second. Token budgets split the
+batches of methods whose settings have ``micro_batch_tokens``; each batch's real tokens are counted for the
+out-of-memory report (fx.training.oom).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from fx.training.microbatch import split_steps
+from fx.training.qlora import keep_adapter_float32
+
+Log = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class Progress:
+    """Where training stands: written by fx's callback and signal handler, read by the run's trackers."""
+
+    max_steps: int | None = None  # known once training starts
+    step: int = 0  # optimizer steps done (a resumed run starts at its checkpoint's)
+    batch_tokens: int | None = None  # real tokens of the batch being trained on
+    stop_signal: int | None = None  # SIGINT/SIGTERM arrived: finish the step, checkpoint, stop
+    tokens_at_start: int = 0  # tokens the trainer had counted when this process started training
+
+
+def contract_callback(progress: Progress, log: Log):
+    from transformers import TrainerCallback
+
+    class RunContract(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            progress.max_steps, progress.step = state.max_steps, state.global_step
+            progress.tokens_at_start = state.num_input_tokens_seen
+            self.last = (time.perf_counter(), state.num_input_tokens_seen)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            progress.step = state.global_step
+            if state.global_step >= state.max_steps:
+                control.should_save = True  # the final checkpoint, whatever the interval
+            if progress.stop_signal is not None:
+                control.should_save = True
+                control.should_training_stop = True
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = dict(logs or {})
+            if "train_loss" in logs:  # the trainer's closing summary, not a step
+                return
+            now, tokens = time.perf_counter(), state.num_input_tokens_seen
+            metrics = {k: float(v) for k, v in logs.items()
+                       if isinstance(v, (int, float)) and k != "num_input_tokens_seen"}
+            if now > self.last[0]:
+                metrics["tokens_per_s"] = (tokens - self.last[1]) / (now - self.last[0])
+            metrics["tokens"] = float(tokens)
+            self.last = (now, tokens)
+            log(state.global_step, metrics)
+
+    return RunContract()
+
+
+@contextmanager
+def stop_on_signals(progress: Progress) -> Iterator[None]:
+    """SIGINT/SIGTERM ask training to finish its step and checkpoint; a second one stops at once."""
+
+    def handler(signum, frame):
+        if progress.stop_signal is not None:
+            raise KeyboardInterrupt
+        progress.stop_signal = signum
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _count_batch_tokens(trainer, progress: Progress) -> None:
+    collate = trainer.data_collator
+
+    def counting(features):
+        batch = collate(features)
+        progress.batch_tokens = (int(batch["attention_mask"].sum()) if "attention_mask" in batch
+                                 else int(batch["input_ids"].numel()) if "input_ids" in batch else None)
+        return batch
+
+    trainer.data_collator = counting
+
+
+def build(method, model, tokenizer, rows: list[dict], session, progress: Progress | None = None, callbacks=()):
+    """The method's trainer as fx trains it: fx's callbacks instead of trl's printer, trainable weights in float32,
+    token budgets, and (given ``progress``) each batch's real tokens counted."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer = method.trainer(model, tokenizer, rows, session)
+    trainer.remove_callback(PrinterCallback)
+    keep_adapter_float32(model)  # the optimizer is created later, in train()
+    budget = getattr(method.settings, "micro_batch_tokens", 0)
+    if budget:
+        split_steps(trainer, budget)
+    if progress is not None:
+        _count_batch_tokens(trainer, progress)
+    for callback in callbacks:
+        trainer.add_callback(callback)
+    return trainer
+
+
+def train(method, model, tokenizer, rows: list[dict], session, progress: Progress, log: Log,
+          resume_from: Path | None = None) -> dict[str, Any]:
+    """Train ``model`` under the run contract (continuing from the checkpoint ``resume_from``); what was measured.
+    Raises ``torch.OutOfMemoryError`` as it comes: the caller reports it with what it knows of the run."""
+    trainer = build(method, model, tokenizer, rows, session, progress, [contract_callback(progress, log)])
+    start = time.perf_counter()
+    with stop_on_signals(progress):
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    wall = time.perf_counter() - start
+    tokens = trainer.state.num_input_tokens_seen
+    tokens_now = tokens - progress.tokens_at_start  # a resumed run counts only what it trained itself
+    graphs = getattr(trainer, "graph_stats", None)
+    return {
+        "steps": trainer.state.global_step,
+        "train_loss": round(output.training_loss, 4),
+        "train_tokens": int(tokens),
+        "train_tokens_per_s": round(tokens_now / wall, 1) if wall > 0 else None,
+        "train_wall_s": round(wall, 1),
+        **({"cuda_graphs": graphs} if graphs else {}),
+    }

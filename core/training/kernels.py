@@ -1,0 +1,62 @@
+"""Speed levers that act on the model, for any method: Liger's fused kernels, the attention function for packed
+rows, and regional torch.compile (docs/performance.md measures each)."""
+
+from __future__ import annotations
+
+from fx.errors import UserError
+from fx.training.devices import device
+
+
+def apply_liger(model, choice: bool | str) -> bool:
+    """Liger's Triton kernels for RMSNorm, RoPE and SwiGLU in place of the model's own (fewer, fused launches,
+    fewer saved intermediates); whether they were applied. Its fused linear cross-entropy is left out: trl's fused
+    LM head already scores the answers in tiles without the full logits. ``auto`` applies them on a CUDA GPU when
+    liger-kernel is installed (the ``speed`` extra); ``true`` insists."""
+    if choice is False:
+        return False
+    if device() != "cuda":
+        if choice is True:
+            raise UserError("method.liger = true needs a CUDA GPU (Liger's kernels are Triton); "
+                            'set it to "auto" or false on this machine')
+        return False
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+    except ImportError:
+        if choice is True:
+            raise UserError("method.liger = true needs liger-kernel: pip install 'fx[speed]'") from None
+        return False
+    if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        if choice is True:
+            raise UserError(f"method.liger = true: Liger has no kernels for model type {model.config.model_type!r}")
+        return False
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    return True
+
+
+def choose_attention(model, choice: str, padding_free: bool) -> str:
+    """The attention function for training (fx.attention): varlen FlashAttention for padding-free batches where the
+    GPU has it, else transformers' sdpa with its exact block-diagonal mask; the name in use."""
+    from fx.training.attention import NAME, use_varlen
+
+    if choice == "varlen" and not padding_free:
+        raise UserError("method.attention = \"varlen\" needs method.padding_free = true (padded rows need a mask)")
+    if choice != "sdpa" and padding_free and use_varlen(model):
+        return NAME
+    if choice == "varlen":
+        raise UserError("method.attention = \"varlen\" needs a CUDA GPU of compute capability 8.0 or newer and "
+                        "PyTorch's torch.nn.attention.varlen; \"auto\" falls back to sdpa")
+    return model.config._attn_implementation
+
+
+def compile_layers(model) -> None:
+    """torch.compile every decoder layer in place (regional compilation: the layers share one compiled graph, so
+    compiling takes one layer's time; shapes are dynamic, since padding-free batches change length every step)."""
+    if device() != "cuda":
+        raise UserError("method.compile = true needs a CUDA GPU")
+    import torch
+
+    for module in model.modules():
+        if type(module).__name__.endswith("DecoderLayer"):
+            module.compile(dynamic=True)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)

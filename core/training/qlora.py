@@ -1,0 +1,140 @@
+"""QLoRA methods' shared half: a 4-bit (NF4) base with LoRA adapters, loaded, saved, reloaded and planned the same
+way whichever trainer trains it. A method subclasses :class:`QLoraMethod` and provides its trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fx.training.arguments import trainer_arguments
+from fx.training.devices import compute_dtype, device, dtype_name
+from fx.training.kernels import apply_liger, choose_attention, compile_layers
+from fx.training.method import Method, Session
+from fx.training.settings import QLoraSettings
+
+
+class QLoraMethod(Method):
+    """LoRA adapters on a 4-bit base: :meth:`load`, :meth:`save`, :meth:`load_trained` and :meth:`workload` for any
+    trainer; :meth:`trainer_args` gives the trainer every precision, checkpoint and schedule argument from fx."""
+
+    class Settings(QLoraSettings):
+        pass
+
+    def check(self) -> list[str]:
+        s = self.settings
+        if s.compile and s.liger is True:
+            return ["method.liger = true and method.compile = true don't go together (torch.compile can't trace "
+                    "Liger's kernels; it fuses the same operations itself): set one of them to false"]
+        return []
+
+    # -- the model --------------------------------------------------------------------------------------------------
+
+    def quantization_config(self):
+        from transformers import BitsAndBytesConfig
+
+        s = self.settings
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=s.quant_type,
+                                  bnb_4bit_use_double_quant=s.double_quant,
+                                  bnb_4bit_compute_dtype=compute_dtype(s.compute_dtype))
+
+    def load_base(self, source):
+        """The 4-bit base model with the configured kernels and gradient checkpointing."""
+        s = self.settings
+        model = source.load(quantization_config=self.quantization_config(), dtype=compute_dtype(s.compute_dtype),
+                            device_map={"": 0} if device() == "cuda" else {"": "cpu"})
+        keep_4bit_layout(model)
+        apply_liger(model, False if s.compile else s.liger)
+        choose_attention(model, s.attention, getattr(s, "padding_free", False))
+        model.config.use_cache = False
+        if s.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        return model
+
+    def attach(self, model):
+        """Fresh LoRA adapters on a base from :meth:`load_base`."""
+        from peft import LoraConfig, get_peft_model
+
+        lora = self.settings.lora
+        return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                target_modules=lora.target_modules, bias="none",
+                                                task_type="CAUSAL_LM"))
+
+    def load(self, source, tokenizer):
+        model = self.attach(self.load_base(source))
+        if self.settings.compile:
+            compile_layers(model)
+        return model
+
+    def save(self, model, folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+
+    def load_trained(self, source, folder: Path):
+        """The base as trained, with the saved adapter in the dtype it was saved in (peft loads adapters in float32)."""
+        from peft import PeftModel
+        from safetensors import safe_open
+
+        model = PeftModel.from_pretrained(self.load_base(source), folder)
+        with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as saved:
+            dtype = saved.get_tensor(next(iter(saved.keys()))).dtype
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.to(dtype)
+        return model.eval()
+
+    # -- the trainer and the planner --------------------------------------------------------------------------------
+
+    def trainer_args(self, config_class, session: Session, **fields: Any):
+        """``config_class`` (``TrainingArguments`` or trl's ``SFTConfig``, ``DPOConfig``, ...) with fx's choice of
+        every shared argument and the method's own ``fields``."""
+        return trainer_arguments(config_class, self.settings, session, **fields)
+
+    def workload(self, max_length: int, bf16: bool | None = None, **shape: Any):
+        """The planner's shape of a QLoRA run; ``shape`` adds what the method changes (``sequences=2`` for preference
+        pairs, ``reference_forward=True``, ...). ``bf16`` settles ``compute_dtype = "auto"`` for the target GPU."""
+        from fx.plan.shapes import Workload
+
+        s = self.settings
+        if s.compute_dtype != "auto":
+            dtype = s.compute_dtype
+        elif bf16 is None:
+            dtype = dtype_name(compute_dtype("auto")) if device() == "cuda" else "bfloat16"
+        else:
+            dtype = "bfloat16" if bf16 else "float16"
+        targets = (s.lora.target_modules,) if isinstance(s.lora.target_modules, str) else tuple(s.lora.target_modules)
+        packed = getattr(s, "padding_free", False)
+        fields: dict[str, Any] = dict(
+            micro_batch=s.micro_batch_size, seq_len=max_length, gradient_checkpointing=s.gradient_checkpointing,
+            lora_r=s.lora.r, lora_targets=targets, lora_dropout=s.lora.dropout, compute_dtype=dtype,
+            quant_type=s.quant_type, double_quant=s.double_quant, optim=s.optim,
+            gradient_accumulation=s.gradient_accumulation_steps,
+            micro_batch_tokens=getattr(s, "micro_batch_tokens", 0),
+            persistent_grads=packed and getattr(s, "cuda_graphs", False) is not False,  # graphed steps (a CUDA target)
+            keys={"micro_batch": "method.micro_batch_size", "gradient_accumulation": "method.gradient_accumulation_steps",
+                  "gradient_checkpointing": "method.gradient_checkpointing", "seq_len": "data.max_length",
+                  "lora_r": "method.lora.r"},
+        )
+        return Workload(**{**fields, **shape})
+
+
+def keep_4bit_layout(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference: on CPUs with AVX512-BF16, bitsandbytes 0.50
+    rewrites a Linear4bit's weight the first time it runs in eval mode, and its training path then misreads it
+    (docs/memory.md, "bitsandbytes on the CPU")."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def keep_adapter_float32(model) -> None:
+    """Trainable weights in float32, whatever trl cast them to (trl casts a quantised model's LoRA weights to
+    bfloat16): fp16 mixed precision needs float32 master weights, and a CPU computes bfloat16 many times slower."""
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()

@@ -1,0 +1,63 @@
+"""Settings that methods share: LoRA, 4-bit loading, the optimizer and schedule, the speed levers. A method's own
+``Settings`` subclasses the ones it uses; a key made with :func:`execution` changes how a step runs, never what it
+computes (``fx bench --compare`` compares across it and ``fx run --resume --set`` may change it)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from fx.settings import Settings
+
+
+def execution(default: Any, **field: Any) -> Any:
+    """A settings field that changes how a step executes (speed, memory), never what it computes."""
+    return Field(default, json_schema_extra={"execution": True}, **field)
+
+
+def execution_keys(settings: type[Settings]) -> tuple[str, ...]:
+    """The execution keys of a settings model (:func:`execution`)."""
+    return tuple(name for name, info in settings.model_fields.items()
+                 if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("execution"))
+
+
+class LoraSettings(Settings):
+    r: int = Field(64, ge=1, le=4096)
+    alpha: float = Field(16, gt=0, le=1e6)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+class QLoraSettings(Settings):
+    """A 4-bit base with LoRA adapters, trained by a transformers Trainer."""
+
+    lora: LoraSettings = LoraSettings()
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = False
+    compute_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    epochs: float = Field(1.0, gt=0, le=10_000)
+    max_steps: int = Field(-1, ge=-1, le=10**9)
+    micro_batch_size: int = Field(4, ge=1, le=65536)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=65536)
+    learning_rate: float = Field(2e-4, gt=0, le=1)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.001, ge=0, le=1)
+    max_grad_norm: float = Field(0.3, gt=0, le=1e6)
+    optim: Literal["adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_bnb_8bit"] = "paged_adamw_32bit"
+    gradient_checkpointing: bool = execution(True)
+    group_by_length: bool = False  # batch rows of similar length: less padding (the tutorial's choice)
+    logging_steps: int = execution(1, ge=1, le=10**6)
+    # kernels (docs/performance.md), each measured on its own
+    liger: bool | Literal["auto"] = execution("auto")  # Liger's fused RMSNorm/RoPE/SwiGLU; auto: on a CUDA GPU
+    attention: Literal["auto", "sdpa", "varlen"] = execution("auto")  # auto: varlen for padding-free rows where it exists
+    compile: bool = execution(False)  # torch.compile each decoder layer (CUDA only; ~1.5 min to compile)
+
+
+class PackingSettings(Settings):
+    """Levers for trainers whose loss is a sum over answer tokens divided by the batch's answer tokens (SFT)."""
+
+    padding_free: bool = execution(True)  # a micro-batch's rows as one sequence, attention kept within each row
+    micro_batch_tokens: int = execution(0, ge=0, le=10**8)  # token budget per forward/backward; 0: micro_batch_size rows
+    cuda_graphs: bool | Literal["auto"] = execution("auto")  # replay each padding-free step as a CUDA graph
