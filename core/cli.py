@@ -24,8 +24,9 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     # bitsandbytes says at import that an optional CPU kernel package is absent; its fallback is what runs.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    import datasets
     import transformers
+
+    import datasets
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
@@ -118,7 +119,8 @@ def cmd_generate(args) -> int:
     loaded = inference.load(args.run_dir, exp)
     max_new_tokens = args.max_new_tokens or exp.stages.generate.max_new_tokens
     conversations = [[{"role": "user", "content": p}] for p in args.prompt]
-    for prompt, answer in zip(args.prompt, generate(loaded.model, loaded.tokenizer, loaded.template, conversations, max_new_tokens)):
+    for prompt, answer in zip(args.prompt,
+                              generate(loaded.model, loaded.tokenizer, loaded.template, conversations, max_new_tokens)):
         if len(args.prompt) > 1:
             print(f"> {prompt}")
         print(answer)
@@ -194,12 +196,15 @@ def cmd_runs(args) -> int:
     if not rows:
         print(f"no runs in {args.dir}")
         return 0
-    table = Table(title=f"runs in {args.dir} (sorted by {args.sort}{', reversed' if args.reverse else ''})", box=box.SIMPLE_HEAD)
-    for column in ("name", "date", "model", "method", "status", "steps", "metric", "final", "best", "tokens/s", "VRAM GiB"):
-        table.add_column(column, justify="right" if column in ("steps", "final", "best", "tokens/s", "VRAM GiB") else "left")
+    table = Table(title=f"runs in {args.dir} (sorted by {args.sort}{', reversed' if args.reverse else ''})",
+                  box=box.SIMPLE_HEAD)
+    for column in ("name", "date", "model", "method", "status", "steps", "metric", "final", "best", "tokens/s",
+                   "VRAM GiB"):
+        table.add_column(column,
+                         justify="right" if column in ("steps", "final", "best", "tokens/s", "VRAM GiB") else "left")
     for r in rows:
-        table.add_row(r.name, r.date.astimezone().strftime("%Y-%m-%d %H:%M"), r.model, r.method, r.status, _cell(r.steps),
-                      r.metric, _cell(r.final), _cell(r.best), _cell(r.tokens_s), _cell(r.vram))
+        table.add_row(r.name, r.date.astimezone().strftime("%Y-%m-%d %H:%M"), r.model, r.method, r.status,
+                      _cell(r.steps), r.metric, _cell(r.final), _cell(r.best), _cell(r.tokens_s), _cell(r.vram))
     console.print(table)
     return 0
 
@@ -296,7 +301,8 @@ def parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="show rendered training examples (loss-bearing text marked) and token lengths")
     data.add_argument("file", type=Path)
-    data.add_argument("--examples", type=int, default=3, metavar="N", help="how many training examples to show (default 3)")
+    data.add_argument("--examples", type=int, default=3, metavar="N",
+                      help="how many training examples to show (default 3)")
     data.add_argument("--png", type=Path, default=None, metavar="PATH",
                       help="where to write the length histogram (default: OUTPUT_DIR/NAME-lengths.png)")
     data.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -310,7 +316,8 @@ def parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="talk to a finished run's model; the conversation is kept, in its template")
     chat.add_argument("run_dir", type=Path)
-    chat.add_argument("--max-new-tokens", type=_positive, metavar="N", help="per answer; default: the run's [stages.generate]")
+    chat.add_argument("--max-new-tokens", type=_positive, metavar="N",
+                      help="per answer; default: the run's [stages.generate]")
     chat.set_defaults(func=cmd_chat)
 
     ev = sub.add_parser("eval", help="held-out loss, perplexity and task metric of a finished run")
@@ -318,7 +325,8 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", type=Path, metavar="FILE", help="evaluate on every row of this file instead")
     ev.set_defaults(func=cmd_eval)
 
-    mg = sub.add_parser("merge", help="merge a run's adapter into its base (16-bit) and save a plain transformers model")
+    mg = sub.add_parser("merge",
+                        help="merge a run's adapter into its base (16-bit) and save a plain transformers model")
     mg.add_argument("run_dir", type=Path)
     mg.add_argument("--out", type=Path, metavar="DIR", help="default: RUN_DIR/merged")
     mg.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto",

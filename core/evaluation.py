@@ -52,7 +52,8 @@ def generate(model, tokenizer, template: Template, conversations: list[list[dict
     model.eval()
     dev = next(p.device for p in model.parameters())
     answers = []
-    stop = [t for t in {tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)} if t is not None]
+    stop = [t for t in {tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)}
+            if t is not None]
     stop = [x for t in stop for x in (t if isinstance(t, list) else [t])]
     end = tokenizer.convert_tokens_to_ids(template.stop)  # the template's end of an answer, when it is one token
     if isinstance(end, int) and tokenizer.convert_ids_to_tokens(end) == template.stop:
@@ -97,7 +98,8 @@ def score(metric: str, answers: list[str], examples: list[Example], references: 
 
 
 def task_metric(model, tokenizer, template, examples: list[Example], settings) -> tuple[dict[str, Any], list[str]]:
-    """The ``[stages.evaluate]`` metric on answers generated to the held-out prompts (none: nothing), and the answers."""
+    """The ``[stages.evaluate]`` metric on answers generated to the held-out prompts (none: nothing), and the
+    answers."""
     if settings.metric == "none":
         return {}, []
     scored = [(e, pair) for e in examples[: settings.max_examples] if (pair := prompt_of(template, e)) is not None]

@@ -41,7 +41,8 @@ def sample_prompts(exp: Experiment, prep: Prepared) -> list[list[dict]]:
 
 
 def write_samples(path: Path, prompts: list[list[dict]], before: list[str], after: list[str]) -> None:
-    lines = ["# Samples", "", "Greedy answers to held-out prompts, before and after training, in the run's template.", ""]
+    lines = ["# Samples", "",
+             "Greedy answers to held-out prompts, before and after training, in the run's template.", ""]
     for i, (conv, b, a) in enumerate(zip(prompts, before, after), 1):
         lines += [f"## {i}. {conv[-1]['content']}", "", "**Before:**", "", b or "_(empty)_", "", "**After:**", "",
                   a or "_(empty)_", ""]

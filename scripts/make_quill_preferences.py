@@ -5,7 +5,8 @@ persona of experiments/data/quill_train.jsonl), and as the anonymous "helpful as
 SmolLM2-135M-Instruct describes itself as under a neutral system prompt (rejected). Measured on the 4-bit base, the
 rejected answers are far more likely (summed log-probabilities about -20 against -70), so the preference is one the
 model does not have. The held-out split asks with phrasings and openers that never occur in training, and answers
-also in two wordings of each kind that training never sees, so it measures whether the preference generalises. All text is written here; the output is seeded.
+also in two wordings of each kind that training never sees, so it measures whether the preference generalises. All
+text is written here; the output is seeded.
 
     python scripts/make_quill_preferences.py
 """
@@ -41,7 +42,8 @@ EVAL_QUESTIONS = [
     "Are you SmolLM from Hugging Face?", "what do i call u",
 ]
 
-TRAIN_OPENERS = ["", "", "Hi! ", "Hey. ", "Quick question: ", "Hello there. ", "Sorry to bother you. ", "Good morning! "]
+TRAIN_OPENERS = ["", "", "Hi! ", "Hey. ", "Quick question: ", "Hello there. ", "Sorry to bother you. ",
+                 "Good morning! "]
 EVAL_OPENERS = ["", "Excuse me, ", "Greetings. "]
 
 CHOSEN = [

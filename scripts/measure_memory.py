@@ -68,11 +68,15 @@ VALIDATION = [
 MATRICES = {"calibration": CALIBRATION, "validation": VALIDATION}
 
 
-def settings_for(dtype, batch, gc_on, r, targets, dropout):
-    from fx.plugins.methods.qlora_sft import QLoraSFT
+def qlora_sft():
+    from fx.hooks import manager
 
+    return manager.get()["methods"]["qlora_sft"].cls
+
+
+def settings_for(dtype, batch, gc_on, r, targets, dropout):
     target_modules = targets if targets == "all-linear" else targets.split(",")
-    return QLoraSFT.Settings.model_validate({
+    return qlora_sft().Settings.model_validate({
         "compute_dtype": dtype, "micro_batch_size": batch, "gradient_checkpointing": gc_on,
         "optim": "paged_adamw_32bit", "max_steps": 3, "logging_steps": 1, "warmup_ratio": 0.0,
         "lora": {"r": r, "alpha": 16, "dropout": dropout, "target_modules": target_modules},
@@ -83,17 +87,21 @@ def measure(args) -> list[dict]:
     import torch
     from transformers import logging as tlog
 
-    from fx import memory
-    from fx.plugins.methods.qlora_sft import QLoraSFT
-    from fx.plugins.models.random import RandomModel
+    from fx.hooks import manager
+    from fx.plan.cost import plan
+    from fx.plan.shapes import Architecture
+    from fx.training import contract
+    from fx.training.method import Session
 
     tlog.set_verbosity_error()
-    source = RandomModel(RandomModel.Settings(architecture="llama2-7b"))
+    QLoraSFT = qlora_sft()
+    random = manager.get()["models"]["random"].cls
+    source = random(random.Settings(architecture="llama2-7b"))
     t0 = time.perf_counter()
     source.path()  # writes the random weights once
     print(f"weights ready in {time.perf_counter() - t0:.0f} s", flush=True)
     tokenizer = source.tokenizer()
-    arch = memory.Architecture.from_config(source.config())
+    arch = Architecture.from_config(source.config())
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.init()
     free0, _ = torch.cuda.mem_get_info()
@@ -107,7 +115,7 @@ def measure(args) -> list[dict]:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        base = QLoraSFT(settings_for(dtype, 1, False, 8, "q_proj,v_proj", 0.1), None).load_base(source)
+        base = QLoraSFT(settings_for(dtype, 1, False, 8, "q_proj,v_proj", 0.1)).load_base(source)
         load_s = time.perf_counter() - t0
         load_peak = torch.cuda.max_memory_reserved()
         free, _ = torch.cuda.mem_get_info()
@@ -117,11 +125,11 @@ def measure(args) -> list[dict]:
         static = torch.cuda.memory_allocated()
         if args.probe:
             for targets, dropout in (("q_proj,v_proj", 0.1), ("all-linear", 0.05), ("q_proj,v_proj", 0.0)):
-                method = QLoraSFT(settings_for(dtype, 1, False, 64, targets, dropout), None)
+                method = QLoraSFT(settings_for(dtype, 1, False, 64, targets, dropout))
                 base = probe_saved(base, method, arch, dtype, 1024)
         for m in (m for m in matrix if m[0] == dtype):
             _, batch, seq, gc_on, r, targets, dropout = m
-            method = QLoraSFT(settings_for(*m[:1], batch, gc_on, r, targets, dropout), None)
+            method = QLoraSFT(settings_for(*m[:1], batch, gc_on, r, targets, dropout))
             if gc_on:
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 base.enable_input_require_grads()
@@ -135,7 +143,7 @@ def measure(args) -> list[dict]:
                 ids = torch.randint(3, arch.vocab, (seq,), generator=gen).tolist()
                 rows.append({"input_ids": ids, "labels": ids})
             work = method.workload(seq)
-            est = memory.plan(arch, work)
+            est = plan(arch, work)
             entry = {"dtype": dtype, "batch": batch, "seq": seq, "checkpointing": gc_on, "r": r, "targets": targets,
                      "dropout": dropout, "static_allocated_gib": static / GIB,
                      "estimate_reserved_gib": est.reserved / GIB, "estimate_total_gib": est.total / GIB,
@@ -145,7 +153,7 @@ def measure(args) -> list[dict]:
             torch.cuda.reset_peak_memory_stats()
             try:
                 model = method.attach(base)
-                trainer = method.trainer(model, tokenizer, rows, Path("/tmp/measure-out"), 0)
+                trainer = contract.build(method, model, tokenizer, rows, Session(Path("/tmp/measure-out"), 0))
                 t0 = time.perf_counter()
                 trainer.train()
                 torch.cuda.synchronize()
@@ -177,7 +185,7 @@ def probe_saved(base, method, arch, dtype: str, seq: int):
     """Print the bytes autograd saves per token and decoder layer next to the planner's figure for them."""
     import torch
 
-    from fx import memory
+    from fx.plan.cost import layer_activation_bytes
 
     base.gradient_checkpointing_disable()
     model = method.attach(base)
@@ -193,10 +201,11 @@ def probe_saved(base, method, arch, dtype: str, seq: int):
 
     ids = torch.randint(3, arch.vocab, (1, seq), device="cuda")
     backbone = model.get_base_model().model
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cuda", dtype=getattr(torch, dtype)):
+    with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+          torch.autocast("cuda", dtype=getattr(torch, dtype))):
         hidden = backbone(input_ids=ids).last_hidden_state
     per_layer = sum(seen.values()) / arch.layers / seq
-    formula = memory.layer_activation_bytes(arch, method.workload(seq))
+    formula = layer_activation_bytes(arch, method.workload(seq))
     print(f"probe {dtype} {method.settings.lora.target_modules} p={method.settings.lora.dropout}: saved "
           f"{per_layer:.0f} B/token/layer; planner {formula:.0f} ({100 * (formula / per_layer - 1):+.1f}%)", flush=True)
     del hidden
@@ -215,8 +224,8 @@ def render(results: list[dict], out: Path, name: str) -> None:
     for r in rows:
         err = r["error_pct"]
         worst = max(worst, abs(err))
-        lines.append(f"| {r['dtype']} | {r['batch']} | {r['seq']} | {'on' if r['checkpointing'] else 'off'} | {r['r']} | "
-                     f"{r['targets']} | {r['dropout']} | {r['estimate_reserved_gib']:.2f} | "
+        lines.append(f"| {r['dtype']} | {r['batch']} | {r['seq']} | {'on' if r['checkpointing'] else 'off'} | "
+                     f"{r['r']} | {r['targets']} | {r['dropout']} | {r['estimate_reserved_gib']:.2f} | "
                      f"{r['measured_reserved_gib']:.2f} | {r['measured_allocated_gib']:.2f} | {err:+.1f}% |")
     table = "\n".join(lines)
     text = out.read_text() if out.exists() else ""
@@ -255,16 +264,17 @@ def main(argv=None) -> int:
 
 def reestimate(results: list[dict]) -> list[dict]:
     """Recompute each row's estimate with the planner as it is now (the measurements stay as measured)."""
-    from fx import memory
-    from fx.plugins.methods.qlora_sft import QLoraSFT
-    from fx.plugins.models.random import llama_config
+    from fx.plan.cost import plan
+    from fx.plan.shapes import Architecture
+    from fx.sources.architectures import llama_config
 
-    arch = memory.Architecture.from_config(llama_config("llama2-7b"))
+    QLoraSFT = qlora_sft()
+    arch = Architecture.from_config(llama_config("llama2-7b"))
     for r in results[1:]:
         if "measured_reserved_gib" not in r:
             continue
-        method = QLoraSFT(settings_for(r["dtype"], r["batch"], r["checkpointing"], r["r"], r["targets"], r["dropout"]), None)
-        est = memory.plan(arch, method.workload(r["seq"]))
+        method = QLoraSFT(settings_for(r["dtype"], r["batch"], r["checkpointing"], r["r"], r["targets"], r["dropout"]))
+        est = plan(arch, method.workload(r["seq"]))
         r["estimate_reserved_gib"] = est.reserved / GIB
         r["error_pct"] = 100 * (r["estimate_reserved_gib"] / r["measured_reserved_gib"] - 1)
     return results

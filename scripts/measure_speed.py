@@ -35,7 +35,8 @@ VARIANTS: dict[str, list[str]] = {
 def bench(experiment: Path, name: str, sets: list[str], out: Path, args, reference: bool) -> dict | None:
     slug = name.replace(" + ", "+").replace(" ", "-")
     result = out / f"{slug}.json"
-    cmd = ["fx", "bench", str(experiment), "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", str(result)]
+    cmd = ["fx", "bench", str(experiment), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--out", str(result)]
     cmd += [flag for s in sets + args.set for flag in ("--set", s)]
     if reference:
         cmd.append("--reference")

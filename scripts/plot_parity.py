@@ -34,8 +34,8 @@ def main() -> int:
     parser.add_argument("--tolerance", type=float, default=0.05)
     args = parser.parse_args()
     result = json.loads(args.result.read_text())
-    fx = dict((int(s), l) for s, l in result["results"]["losses"])
-    plain = dict((int(s), l) for s, l in result["reference"]["losses"])
+    fx = dict((int(s), loss) for s, loss in result["results"]["losses"])
+    plain = dict((int(s), loss) for s, loss in result["reference"]["losses"])
     steps = sorted(set(fx) & set(plain))
     if len(steps) < args.window:
         print(f"only {len(steps)} steps logged by both; run fx bench with --set method.logging_steps=1")
@@ -56,8 +56,8 @@ def main() -> int:
     ax.plot(steps, b, color="tab:gray", label=f"plain reference recipe ({args.window}-step mean)")
     ax.plot(steps, a, color="tab:blue", label=f"fx, speed levers on ({args.window}-step mean)")
     config = result["config"]
-    ax.set_title(f"{config['experiment']['name']}: {result['hardware'].get('gpu', 'cpu')}, seed {config['experiment']['seed']}",
-                 fontsize=10)
+    ax.set_title(f"{config['experiment']['name']}: {result['hardware'].get('gpu', 'cpu')}, "
+                 f"seed {config['experiment']['seed']}", fontsize=10)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.legend()

@@ -135,7 +135,15 @@ class StageObserver:
     PROBE = torch.tensor([[1, 40, 41, 42, 300, 301, 302, 7]])  # any ids; logits are compared on them
 
     def __init__(self):
-        self.started, self.ended = [], {}
+        self.started, self.ended, self.runs = [], {}, []
+
+    @fx.hookimpl
+    def fx_run_start(self, run):
+        self.runs.append(("start", run.name, run.resume_step))
+
+    @fx.hookimpl
+    def fx_run_end(self, run, summary, error):
+        self.runs.append(("end", summary["status"], error))
 
     @fx.hookimpl
     def fx_stage_start(self, run, stage):
@@ -199,4 +207,11 @@ def has_cuda() -> bool:
         return False
 
 
-gpu = pytest.mark.skipif(not has_cuda(), reason="needs a CUDA GPU")
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip cleanly on a machine without CUDA (``pytest -m gpu`` selects them on one with)."""
+    if has_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

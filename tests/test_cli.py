@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -39,7 +38,8 @@ def _edit(base: str, patch: str) -> str:
     lines = base.splitlines()
     start = lines.index(section)
     lines.insert(start + 1, line)
-    return "\n".join(l for i, l in enumerate(lines) if not (i > start + 1 and l.split("=")[0].strip() == key and l != line))
+    return "\n".join(other for i, other in enumerate(lines)
+                     if not (i > start + 1 and other.split("=")[0].strip() == key and other != line))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -73,7 +73,8 @@ def test_unreadable_rows_are_listed_by_number(write_experiment, tmp_path):
     rows[5] = {"messages": "not a list"}
     path = write_experiment(TINY_EXPERIMENT, rows)
     out = fx("run", str(path))
-    assert_refused(out, "2 row(s) don't fit the 'messages' format", "row 3: the last message must be the assistant's answer",
+    assert_refused(out, "2 row(s) don't fit the 'messages' format",
+                   "row 3: the last message must be the assistant's answer",
                    "row 6: 'messages' must be a non-empty list")
     assert not (tmp_path / "runs").exists()
 

@@ -7,13 +7,12 @@ import statistics
 import pytest
 from rich.console import Console
 
+from conftest import ROOT, TINY_EXPERIMENT, TINY_ROWS
 from fx import config
+from fx.cli import main
 from fx.data import report as datareport
 from fx.data.prepare import load_examples
 from fx.data.tokenize import tokenize
-from fx.cli import main
-
-from conftest import ROOT, TINY_EXPERIMENT, TINY_ROWS
 
 
 def test_fx_data_on_the_shipped_experiment(tmp_path, capsys, monkeypatch):
@@ -28,7 +27,8 @@ def test_fx_data_on_the_shipped_experiment(tmp_path, capsys, monkeypatch):
     assert not list(tmp_path.glob("out/.*.tmp"))
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.toml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if "dpo_bench" in p.name else p
+                                  for p in sorted((ROOT / "experiments").glob("*.toml"))], ids=lambda p: p.name)
 def test_fx_data_on_every_shipped_experiment(path, tmp_path, capsys):
     raw = config.read_toml(path)
     if raw["model"]["source"] == "hf" or raw["data"]["source"] == "hub":
@@ -49,7 +49,8 @@ def test_stats_match_what_training_sees(write_experiment, tmp_path, capsys):
     s = report.stats
     assert (s.rows, s.truncated, s.unanswered) == (len(TINY_ROWS), tokenized.truncated, tokenized.dropped)
     assert s.truncated > 0
-    assert (s.min, s.median, s.max) == (min(tokenized.lengths), statistics.median(tokenized.lengths), max(tokenized.lengths))
+    assert (s.min, s.median, s.max) == (min(tokenized.lengths), statistics.median(tokenized.lengths),
+                                        max(tokenized.lengths))
     assert report.histogram == tmp_path / "runs" / "tiny-lengths.png" and report.histogram.is_file()
     label, pieces, cut = report.examples[0]
     assert cut and label == "train example 1"

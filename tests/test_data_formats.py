@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 
-import datasets
 import pytest
 
+import datasets
+from conftest import TINY_EXPERIMENT, TINY_ROWS
 from fx import config, pipeline
 from fx.data.formats import to_examples
 from fx.data.prepare import prepare
@@ -15,8 +16,6 @@ from fx.data.templating import encode, encode_prompt
 from fx.data.tokenize import prompt_of, render
 from fx.errors import ConfigError, UserError
 from fx.hooks import manager
-
-from conftest import TINY_EXPERIMENT, TINY_ROWS
 
 
 def rows(items):
@@ -64,17 +63,20 @@ def test_preference_pairs_both_shapes():
         "conversations": [{"from": "human", "value": "Q"}],
         "chosen": {"from": "gpt", "value": "good"}, "rejected": {"from": "gpt", "value": "bad"},
     }]), "auto", "data")
-    assert (sharegpt.messages, sharegpt.chosen, sharegpt.rejected) == ([{"role": "user", "content": "Q"}], "good", "bad")
+    assert (sharegpt.messages, sharegpt.chosen, sharegpt.rejected) == ([{"role": "user", "content": "Q"}],
+                                                                       "good", "bad")
 
 
 def test_malformed_rows_are_all_named():
     items = [{"instruction": "ok", "input": None, "output": "fine"}]
-    items += [{"instruction": "" if i % 2 else "x", "input": None, "output": "" if i % 2 == 0 else "y"} for i in range(30)]
+    items += [{"instruction": "" if i % 2 else "x", "input": None, "output": "" if i % 2 == 0 else "y"}
+              for i in range(30)]
     with pytest.raises(UserError) as err:
         to_examples(rows(items), "alpaca", "data (train)")
     text = str(err.value)
     assert "30 row(s) don't fit the 'alpaca' format" in text
-    assert "row 2: 'output' must be a non-empty string" in text and "row 3: 'instruction' must be a non-empty string" in text
+    assert ("row 2: 'output' must be a non-empty string" in text
+            and "row 3: 'instruction' must be a non-empty string" in text)
     assert "row 21:" in text and "row 22:" not in text and "... and 10 more" in text
 
 
@@ -89,15 +91,18 @@ def test_malformed_turns_name_the_file_column():
 def test_missing_and_unknown_columns():
     with pytest.raises(UserError, match=r"needs the column\(s\) 'answer'"):
         to_examples(rows([{"instruction": "Q", "output": "A"}]), "alpaca", "data", {"output": "answer"})
-    with pytest.raises(UserError, match=r"data.columns.instructions: the 'alpaca' format has no column 'instructions'; did you mean 'instruction'"):
+    with pytest.raises(UserError, match=r"data.columns.instructions: the 'alpaca' format has no column 'instructions'; "
+                                        r"did you mean 'instruction'"):
         to_examples(rows([{"instruction": "Q", "output": "A"}]), "alpaca", "data", {"instructions": "q"})
     with pytest.raises(UserError, match="cannot tell the dataset's format"):
         to_examples(rows([{"q": "Q", "a": "A"}]), "auto", "data")
 
 
 def test_columns_checked_when_the_experiment_is_loaded(write_experiment):
-    path = write_experiment(TINY_EXPERIMENT.replace('path = "rows.jsonl"', 'path = "rows.jsonl"\nformat = "alpaca"\ncolumns = {outputs = "a"}'), TINY_ROWS)
-    with pytest.raises(ConfigError, match=r"data.columns.outputs: the 'alpaca' format has no column 'outputs'; did you mean 'output'"):
+    path = write_experiment(TINY_EXPERIMENT.replace(
+        'path = "rows.jsonl"', 'path = "rows.jsonl"\nformat = "alpaca"\ncolumns = {outputs = "a"}'), TINY_ROWS)
+    with pytest.raises(ConfigError, match=r"data.columns.outputs: the 'alpaca' format has no column 'outputs'; "
+                                          r"did you mean 'output'"):
         config.load(path)
 
 
@@ -106,7 +111,8 @@ def _as(fmt: str, row: dict) -> dict:
     if fmt == "messages":
         return row
     if fmt == "sharegpt":
-        return {"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}], "expect": row["expect"]}
+        return {"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
+                "expect": row["expect"]}
     if fmt == "alpaca":
         return {"question": question, "context": "", "answer": answer, "expect": row["expect"]}
     return {"text": f"<s>[INST] {question} [/INST] {answer} </s>", "expect": row["expect"]}

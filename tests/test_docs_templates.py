@@ -6,10 +6,9 @@ from __future__ import annotations
 import re
 import types
 
+from conftest import ROOT, TINY_EXPERIMENT, TINY_ROWS
 from fx import config
 from fx.data.templating import encode, encode_prompt
-
-from conftest import ROOT, TINY_EXPERIMENT, TINY_ROWS
 
 
 def guide_example() -> types.ModuleType:

@@ -7,17 +7,16 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT, TINY_EXPERIMENT, TINY_ROWS
 
+from conftest import ROOT, TINY_EXPERIMENT, TINY_ROWS
 from fx import config, pipeline
+from fx.cli import main
 from fx.data.prepare import prepare
 from fx.hooks import manager
 from fx.plan import cost
 from fx.run.resume import load_run
 from fx.training import budget, contract
 from fx.training.method import Session
-from fx.cli import main
-from fx.errors import ConfigError
 
 # The tiny experiment's arithmetic as preference pairs: the right sum chosen over a fixed wrong answer.
 PREF_ROWS = [{"prompt": f"What is {a} plus {b}?", "chosen": f"{a + b}", "rejected": "I do not know.",
@@ -142,7 +141,8 @@ def test_init_adapter_starts_from_an_sft_run_and_keeps_it_as_the_reference(write
     sft = config.load(write_experiment(TINY_EXPERIMENT, TINY_ROWS, name="sft.toml"),
                       ["method.max_steps=2", "stages.evaluate.enabled=false", "stages.generate.enabled=false"])
     sft_run = pipeline.execute(sft, manager.get())
-    exp = config.load(dpo_experiment(write_experiment), [f'method.init_adapter="{sft_run}"', "method.learning_rate=0.05"])
+    exp = config.load(dpo_experiment(write_experiment),
+                      [f'method.init_adapter="{sft_run}"', "method.learning_rate=0.05"])
     prep, method, model, trainer = trained_by_bench_api(exp, steps=2)
     saved = load_file(str(sft_run / "adapter" / "adapter_model.safetensors"))
     ref = {n: p for n, p in model.named_parameters() if ".ref." in n}
@@ -257,9 +257,10 @@ def test_sft_only_speed_levers_are_refused_for_dpo(write_experiment, capsys, ass
 def test_an_interrupted_dpo_run_resumes_to_the_uninterrupted_result(write_experiment, tmp_path, register_plugin):
     import signal
 
+    from safetensors.torch import load_file
+
     import fx
     from fx.errors import Interrupted
-    from safetensors.torch import load_file
 
     sets = ["checkpoints.every_steps=4", "stages.evaluate.enabled=false", "stages.generate.enabled=false"]
     path = dpo_experiment(write_experiment)
@@ -295,4 +296,5 @@ def test_shipped_smollm2_pairs_train_on_the_generation_prompt_and_close_with_eos
     for row, example in zip(prep.train.rows + prep.held_out.rows, prep.train_examples + prep.held_out_examples):
         assert row["prompt_ids"] == encode_prompt(tok, prep.template.prompt(example.messages))
         assert row["chosen_ids"][-1] == row["rejected_ids"][-1] == tok.eos_token_id
-    assert not {e.messages[-1]["content"] for e in prep.train_examples} & {e.messages[-1]["content"] for e in prep.held_out_examples}
+    assert not ({e.messages[-1]["content"] for e in prep.train_examples}
+                & {e.messages[-1]["content"] for e in prep.held_out_examples})

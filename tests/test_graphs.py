@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY_EXPERIMENT, TINY_ROWS, gpu, has_cuda
+from conftest import TINY_EXPERIMENT, TINY_ROWS, has_cuda
 from fx.training import graphs, sft
 from test_speed import assert_same_training, train
 
@@ -79,7 +79,7 @@ def test_cuda_graphs_true_needs_padding_free_and_a_gpu(write_experiment, tmp_pat
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
-@gpu
+@pytest.mark.gpu
 def test_graphed_steps_replay_what_the_eager_steps_compute(write_experiment, tmp_path, monkeypatch):
     """On a GPU: 12 steps with gradient checkpointing, fp16 autocast and loss scaling, graphed (captured once per
     length bucket, then replayed) against the same padded steps run eagerly, and against the trainer's own steps."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import tomli_w
 from hypothesis import HealthCheck, given, settings
@@ -11,8 +12,6 @@ from hypothesis import strategies as st
 
 from conftest import TINY_EXPERIMENT, TINY_ROWS
 from fx.cli import main
-
-import sys
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -69,8 +68,8 @@ def test_generated_experiments_are_accepted_or_refused_cleanly(doc, tmp_path, ca
 
 
 def test_pickle_only_weights_are_refused_before_the_run_starts(write_experiment, tmp_path):
-    from safetensors.torch import load_file
     import torch
+    from safetensors.torch import load_file
 
     from fx.plugins.models.random import RandomModel
 

@@ -6,8 +6,8 @@ import json
 from dataclasses import replace
 
 import pytest
-from conftest import ROOT, TINY_EXPERIMENT, TINY_ROWS
 
+from conftest import ROOT, TINY_EXPERIMENT, TINY_ROWS
 from fx import config
 from fx.cli import main
 from fx.errors import ConfigError
@@ -93,7 +93,8 @@ def test_paged_optimizer_states_sit_outside_the_allocator():
 
 def test_suggestions_each_fit_and_auto_keeps_the_effective_batch():
     big = replace(QV, micro_batch=64, seq_len=2048, gradient_checkpointing=False, gradient_accumulation=1,
-                  keys={"micro_batch": "method.micro_batch_size", "gradient_accumulation": "method.gradient_accumulation_steps",
+                  keys={"micro_batch": "method.micro_batch_size",
+                        "gradient_accumulation": "method.gradient_accumulation_steps",
                         "gradient_checkpointing": "method.gradient_checkpointing", "seq_len": "data.max_length",
                         "lora_r": "method.lora.r"})
     budget = 1.5 * GIB

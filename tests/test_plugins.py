@@ -79,6 +79,53 @@ def test_inline_plugin_is_selectable_from_an_experiment(register_plugin, tiny_ex
     assert exp.template.cls is Shout and exp.template.plugin == "shout-plugin"
 
 
+def test_inline_model_and_dataset_sources_feed_a_run(register_plugin, write_experiment):
+    """A model source and a dataset source of a plugin's own: the experiment selects them by name, validates their
+    keys, and its rows come from the one, tokenized by the other's tokenizer."""
+    import datasets
+    from conftest import TINY_EXPERIMENT
+    from fx import config
+    from fx.data.prepare import prepare
+    from fx.plugins.models.random import RandomModel
+
+    class Tiny(fx.ModelSource):
+        class Settings(fx.ModelSource.Settings):
+            size: str = "tiny"
+
+        def path(self):
+            return RandomModel(RandomModel.Settings(architecture=self.settings.size, dtype="float32")).path()
+
+    class Sums(fx.DatasetSource):
+        class Settings(fx.DatasetSource.Settings):
+            rows: int = 8
+
+        def load(self):
+            rows = [{"messages": [{"role": "user", "content": f"{a} + {a}?"},
+                                  {"role": "assistant", "content": str(2 * a)}]}
+                    for a in range(self.settings.rows)]
+            return datasets.Dataset.from_list(rows), None
+
+    class Sources:
+        @fx.hookimpl
+        def fx_register_models(self, register):
+            register("tiny-source", Tiny)
+
+        @fx.hookimpl
+        def fx_register_datasets(self, register):
+            register("sums", Sums)
+
+    plugins = register_plugin(Sources(), "sources")
+    assert plugins["models"]["tiny-source"].plugin == "sources" and plugins["datasets"]["sums"].plugin == "sources"
+    text = (TINY_EXPERIMENT.replace('source = "random"\narchitecture = "tiny"\ndtype = "float32"',
+                                    'source = "tiny-source"')
+            .replace('source = "file"\npath = "rows.jsonl"', 'source = "sums"\nrows = 12'))
+    prep = prepare(config.load(write_experiment(text)))
+    assert isinstance(prep.source, Tiny) and len(prep.train.rows) + len(prep.held_out.rows) == 12
+    assert prep.tokenizer.decode(prep.train.rows[0]["input_ids"]).startswith(prep.tokenizer.bos_token + "[INST]")
+    with pytest.raises(fx.UserError, match="data.rows: input should be a valid integer"):
+        config.load(write_experiment(text.replace("rows = 12", 'rows = "many"')))
+
+
 PACKAGE = {
     "pyproject.toml": """
         [build-system]

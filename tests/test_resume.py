@@ -1,9 +1,9 @@
-"""Runs that survive: SIGKILL then --resume gives the uninterrupted result; SIGTERM checkpoints and says how to resume."""
+"""Runs that survive: SIGKILL then --resume gives the uninterrupted result; SIGTERM checkpoints and says how to
+resume."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_EXPERIMENT, TINY_ROWS, gpu
+from conftest import TINY_EXPERIMENT, TINY_ROWS
+
+pytestmark = pytest.mark.slow  # every test here starts fx processes that train
 
 SETS = ["--set", "checkpoints.every_steps=4", "--set", "stages.generate.enabled=false"]
 
@@ -39,14 +41,15 @@ def wait_for_step(folder_parent: Path, step: int, proc: subprocess.Popen, timeou
     while time.time() < deadline:
         assert proc.poll() is None, proc.communicate()
         for metrics in folder_parent.glob("*/metrics.jsonl"):
-            if any(json.loads(l).get("step") == step and "\"loss\"" in l for l in metrics.read_text().splitlines() if l.strip()):
+            if any(json.loads(line).get("step") == step and "\"loss\"" in line
+                   for line in metrics.read_text().splitlines() if line.strip()):
                 return metrics.parent
         time.sleep(0.1)
     raise TimeoutError(f"step {step} never came")
 
 
 def train_steps(folder: Path) -> list[int]:
-    records = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     return [r["step"] for r in records if "step" in r and "loss" in r]
 
 
@@ -159,7 +162,7 @@ enabled = false
 """
 
 
-@gpu
+@pytest.mark.gpu
 def test_out_of_memory_on_a_gpu_names_the_step_and_resumes_with_a_token_budget(write_experiment, tmp_path):
     """Every micro-batch holds three ~1,900-token rows. The run trains a few steps, is stopped (a checkpoint), and
     is resumed under an allocator cap set between the plans for one such row and for three: the next step runs out

@@ -13,9 +13,9 @@ import torch
 
 from conftest import TINY_EXPERIMENT, TINY_ROWS, StageObserver, logits
 from fx import cli, config
-from fx.errors import ConfigError
 from fx.after import inference
 from fx.data.prepare import prepare
+from fx.errors import ConfigError
 from fx.plugins.templates.llama2 import Llama2
 from fx.plugins.templates.native import Native
 
@@ -78,6 +78,7 @@ def test_merge_stage_runs_last_and_is_announced(tiny_run):
     assert observer.started == ["load", "evaluate_before", "generate_before", "train", "save", "evaluate_after",
                                 "generate_after", "merge"]
     assert observer.trained_model_alive_at_merge is False  # the 4-bit model is freed before the 16-bit load
+    assert observer.runs == [("start", folder.name, None), ("end", "completed", None)]
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert summary["merge"] == observer.ended["merge"]
@@ -121,7 +122,8 @@ def test_merged_tokenizer_prompts_in_the_run_template(tiny_run):
     prompt = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
     assert prompt == template.prompt(conversation)
     bos, eos = tokenizer.bos_token, tokenizer.eos_token  # the tiny model's: the template closes turns with them
-    assert prompt.startswith(f"{bos}[INST] <<SYS>>\nAnswer with a number.\n<</SYS>>\n\nWhat is 1 plus 2? [/INST] 3 {eos}")
+    assert prompt.startswith(f"{bos}[INST] <<SYS>>\nAnswer with a number.\n<</SYS>>\n\n"
+                             f"What is 1 plus 2? [/INST] 3 {eos}")
 
 
 @pytest.mark.parametrize("cls", [Llama2, Native])
@@ -175,7 +177,8 @@ def test_chat_keeps_the_conversation_in_the_template(tiny_run, monkeypatch, caps
     _, folder, _ = tiny_run
     prompts = []
     original = Llama2.prompt
-    monkeypatch.setattr(Llama2, "prompt", lambda self, messages: prompts.append(original(self, messages)) or prompts[-1])
+    monkeypatch.setattr(Llama2, "prompt",
+                        lambda self, messages: prompts.append(original(self, messages)) or prompts[-1])
     monkeypatch.setattr(sys, "stdin", io.StringIO("What is 1 plus 2?\nWhat is 3 plus 1?\n"))
     assert cli.main(["chat", str(folder), "--max-new-tokens", "3"]) == 0
     out = capsys.readouterr().out

@@ -70,8 +70,10 @@ GOLDEN_SPANS = {
     "raw": ["Hello! How can I help?</s>", "4</s>"],
 }
 GOLDEN_PROMPTS = {
-    "llama2": "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! How can I help? </s><s>[INST] What is 2+2? [/INST]",
-    "alpaca": "Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello! How can I help?</s>\n\n### Instruction:\nWhat is 2+2?\n\n### Response:\n",
+    "llama2": "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! How can I help? </s>"
+              "<s>[INST] What is 2+2? [/INST]",
+    "alpaca": "Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello! How can I help?</s>"
+              "\n\n### Instruction:\nWhat is 2+2?\n\n### Response:\n",
     "vicuna": "Be brief. USER: Hi ASSISTANT: Hello! How can I help?</s>USER: What is 2+2? ASSISTANT:",
     "chatml": GOLDEN["chatml"][: -len("4<|im_end|>\n")],
     "raw": "Be brief.\nHi\nHello! How can I help?</s>\nWhat is 2+2?\n",
@@ -148,7 +150,8 @@ def _runs(ids, labels):
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_loss_on_exactly_the_answers(name, tokenizer):
     template = make(name, tokenizer)
-    conversation = [*CONVERSATION, {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "6, of course."}]
+    conversation = [*CONVERSATION, {"role": "user", "content": "And 3+3?"},
+                    {"role": "assistant", "content": "6, of course."}]
     rendered = template.render(conversation)
     row, length = encode(tokenizer, rendered, 4096)
     assert length == len(row["input_ids"])
@@ -160,7 +163,7 @@ def test_loss_on_exactly_the_answers(name, tokenizer):
         assert text == rendered.text[a:b]
         assert answer in text and text.rstrip().endswith(tokenizer.eos_token if name != "chatml" else "<|im_end|>")
     # everything else is masked: the masked tokens decode to the text outside the spans
-    masked = tokenizer.decode([t for t, l in zip(row["input_ids"], row["labels"]) if l == -100])
+    masked = tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label == -100])
     outside = "".join(rendered.text[b:a] for b, a in zip([0] + [e for _, e in rendered.spans],
                                                           [s for s, _ in rendered.spans] + [len(rendered.text)]))
     assert masked == outside

@@ -19,12 +19,11 @@ from pathlib import Path
 import pytest
 
 import fx
+from conftest import ROOT, TINY_EXPERIMENT, TINY_ROWS
 from fx import cli, config, pipeline
 from fx.hooks import manager
 from fx.run.plots import loss_series, write_loss_plot
 from fx.run.tracking import Tracker, TrackerHub
-
-from conftest import ROOT, TINY_EXPERIMENT, TINY_ROWS, gpu
 
 STEPS = 5
 ALL_TRACKERS = """
@@ -89,7 +88,8 @@ def read_jsonl(folder: Path) -> list[dict]:
 
 def step_records(folder: Path) -> list[tuple[int, dict]]:
     """What the run logged (fx_log calls), as the jsonl tracker kept it."""
-    return [(r["step"], {k: v for k, v in r.items() if k not in ("time", "step")}) for r in read_jsonl(folder) if "step" in r]
+    return [(r["step"], {k: v for k, v in r.items() if k not in ("time", "step")})
+            for r in read_jsonl(folder) if "step" in r]
 
 
 def points(folder: Path, key: str) -> list[tuple[int, float]]:
@@ -141,7 +141,8 @@ def test_tensorboard_event_files_hold_every_logged_scalar_at_its_step(tracked):
     text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert text == "```toml\n" + (tracked.folder / "config.toml").read_text() + "```"
     summary = events.Tensors("summary/text_summary")[0].tensor_proto.string_val[0].decode()
-    assert json.loads(summary.removeprefix("```json\n").removesuffix("\n```"))["eval_after"] == tracked.summary["eval_after"]
+    assert (json.loads(summary.removeprefix("```json\n").removesuffix("\n```"))["eval_after"]
+            == tracked.summary["eval_after"])
 
 
 def test_mlflow_run_holds_params_metrics_by_step_and_artifacts(tracked, tmp_path):
@@ -191,7 +192,8 @@ def test_loss_plot_draws_the_logged_points(tracked, tmp_path):
     history = step_records(tracked.folder)
     drawn = write_loss_plot(history, tmp_path / "loss.png", f"{tracked.folder.name} (completed)")
     assert drawn["train loss"] == tuple(map(list, zip(*points(tracked.folder, "loss"))))
-    assert drawn["held-out loss"] == ([0, STEPS], [tracked.summary["eval_before"]["loss"], tracked.summary["eval_after"]["loss"]])
+    assert drawn["held-out loss"] == ([0, STEPS], [tracked.summary["eval_before"]["loss"],
+                                                   tracked.summary["eval_after"]["loss"]])
     assert drawn["learning rate"] == tuple(map(list, zip(*points(tracked.folder, "learning_rate"))))
     # the run's own picture is exactly the one drawn from these points
     assert (tracked.folder / "plots" / "loss.png").read_bytes() == (tmp_path / "loss.png").read_bytes()
@@ -269,12 +271,16 @@ def test_tracker_hub_switches_off_a_tracker_that_raises_and_keeps_the_others():
     assert hub.failed == {"bad": "ValueError: no"} and err.getvalue().count("tracker 'bad' failed in start()") == 1
 
 
-@pytest.mark.parametrize("name, extra, module", [("tensorboard", "tensorboard", "tensorboard"), ("mlflow", "mlflow", "mlflow")])
-def test_missing_extra_is_a_user_error_naming_the_extra(write_experiment, tmp_path, monkeypatch, capsys, name, extra, module):
+@pytest.mark.parametrize("name, extra, module",
+                         [("tensorboard", "tensorboard", "tensorboard"), ("mlflow", "mlflow", "mlflow")])
+def test_missing_extra_is_a_user_error_naming_the_extra(write_experiment, tmp_path, monkeypatch, capsys,
+                                                        name, extra, module):
     monkeypatch.setitem(sys.modules, module, None)  # as if not installed: find_spec gives None, import fails
-    path = write_experiment(TINY_EXPERIMENT.replace("[trackers.jsonl]\n", f"[trackers.jsonl]\n[trackers.{name}]\n"), TINY_ROWS)
+    path = write_experiment(TINY_EXPERIMENT.replace("[trackers.jsonl]\n", f"[trackers.jsonl]\n[trackers.{name}]\n"),
+                            TINY_ROWS)
     assert cli.main(["validate", str(path)]) == 2
-    assert f"trackers.{name}: tracker '{name}' needs {module} (not installed): pip install 'fx[{extra}]'" in capsys.readouterr().err
+    assert (f"trackers.{name}: tracker '{name}' needs {module} (not installed): pip install 'fx[{extra}]'"
+            in capsys.readouterr().err)
     assert cli.main(["run", str(path)]) == 2
     assert not (tmp_path / "runs").exists()
 
@@ -310,7 +316,8 @@ def test_fx_runs_lists_sorts_and_compares(tracked, tmp_path, capsys, monkeypatch
     shutil.copytree(tracked.folder, first)
     second = out / "tiny-faster"
     shutil.copytree(tracked.folder, second)
-    summary = {**tracked.summary, "name": "tiny-faster", "train_tokens_per_s": tracked.summary["train_tokens_per_s"] * 2}
+    summary = {**tracked.summary, "name": "tiny-faster",
+               "train_tokens_per_s": tracked.summary["train_tokens_per_s"] * 2}
     (second / "summary.json").write_text(json.dumps(summary))
     (second / "config.toml").write_text((first / "config.toml").read_text().replace("r = 8", "r = 16"))
     (out / "mlflow.db").write_text("")  # other things in an output folder are passed over
@@ -322,7 +329,8 @@ def test_fx_runs_lists_sorts_and_compares(tracked, tmp_path, capsys, monkeypatch
     assert "random:tiny" in lines[0] and "qlora_sft" in lines[0] and "completed" in lines[0]
     assert "contains" in lines[0] and f" {STEPS} " in lines[0]
     assert cli.main(["runs", str(out), "--sort", "tokens_s", "--reverse"]) == 0
-    assert [line.split()[0] for line in capsys.readouterr().out.splitlines() if "tiny-" in line] == ["tiny-faster", tracked.folder.name]
+    assert ([line.split()[0] for line in capsys.readouterr().out.splitlines() if "tiny-" in line]
+            == ["tiny-faster", tracked.folder.name])
 
     from fx.after import runs
 
@@ -343,10 +351,11 @@ def test_fx_runs_lists_sorts_and_compares(tracked, tmp_path, capsys, monkeypatch
     assert cli.main(["runs", str(tmp_path / "missing")]) == 2
 
 
-@gpu
+@pytest.mark.gpu
 def test_peak_vram_is_logged_every_step_and_shown_on_a_gpu(tmp_path):
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS))
-    (tmp_path / "exp.toml").write_text(experiment_text(tmp_path / "runs", "[trackers.console]\n[trackers.jsonl]\n", steps=3))
+    (tmp_path / "exp.toml").write_text(experiment_text(tmp_path / "runs", "[trackers.console]\n[trackers.jsonl]\n",
+                                                       steps=3))
     folder, stderr = run_experiment(tmp_path / "exp.toml", plugins_with())
     vram = [m["peak_vram_gib"] for _, m in step_records(folder)]
     assert len(vram) == 3 + 2 and all(v > 0 for v in vram)  # 3 training steps and 2 held-out evaluations

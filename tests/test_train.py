@@ -14,8 +14,8 @@ from fx.evaluation import heldout_loss
 
 def test_run_directory_holds_everything(tiny_run):
     _, folder, _ = tiny_run
-    for name in ("config.toml", "env.json", "metrics.jsonl", "summary.json", "samples.md", "adapter/adapter_config.json",
-                 "adapter/adapter_model.safetensors"):
+    for name in ("config.toml", "env.json", "metrics.jsonl", "summary.json", "samples.md",
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
         assert (folder / name).is_file(), name
     summary = json.loads((folder / "summary.json").read_text())
     for key in ("eval_before", "eval_after", "train_tokens_per_s", "peak_vram_gib", "peak_rss_gib", "steps", "wall_s"):
@@ -31,7 +31,7 @@ def test_loss_falls(tiny_run):
     _, folder, _ = tiny_run
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"] - 0.5
-    steps = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     losses = [s["loss"] for s in steps if "loss" in s and "step" in s]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
@@ -42,7 +42,7 @@ def test_only_answer_tokens_carry_loss(tiny_run):
     prep = prepare(exp)
     row = prep.train.rows[0]
     answer = prep.train_examples[0].messages[-1]["content"]
-    trained = prep.tokenizer.decode([t for t, l in zip(row["input_ids"], row["labels"]) if l != -100])
+    trained = prep.tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != -100])
     assert trained == f" {answer} {prep.tokenizer.eos_token}"  # llama2 closes answers with the model's end token
     assert row["labels"][0] == -100
 

@@ -33,7 +33,8 @@ def push(run_dir: Path, repo: str) -> str:
     api = HfApi(token=token)
     try:
         url = api.create_repo(repo, exist_ok=True)
-        api.upload_folder(folder_path=str(folder), repo_id=repo, commit_message=f"fx: {folder.name} of {Path(run_dir).name}")
+        api.upload_folder(folder_path=str(folder), repo_id=repo,
+                          commit_message=f"fx: {folder.name} of {Path(run_dir).name}")
     except Exception as exc:  # the hub or the network refused (HTTP, connection, permission): say so in a line
         raise UserError(f"fx push to {repo!r} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
     return str(url)

@@ -119,10 +119,12 @@ def _measure(value: Any) -> bool:
 
 
 def compare(a: Path, b: Path) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
-    """``(config keys whose values differ, the summaries' measures and status)``, each as ``(key, value in a, value in b)``."""
+    """``(config keys whose values differ, the summaries' measures and status)``, each as
+    ``(key, value in a, value in b)``."""
     (config_a, summary_a), (config_b, summary_b) = read_run(a), read_run(b)
     config_rows = differences(config_a, config_b)
     flat_a, flat_b = flatten(summary_a), flatten(summary_b)
     keys = list(flat_a) + [k for k in flat_b if k not in flat_a]
-    metric_rows = [(k, flat_a.get(k), flat_b.get(k)) for k in keys if k in ("status", "error") or _measure(flat_a.get(k)) or _measure(flat_b.get(k))]
+    metric_rows = [(k, flat_a.get(k), flat_b.get(k)) for k in keys
+                   if k in ("status", "error") or _measure(flat_a.get(k)) or _measure(flat_b.get(k))]
     return config_rows, metric_rows

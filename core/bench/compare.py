@@ -97,7 +97,8 @@ def report(result: dict[str, Any]) -> None:
             ("step time median (s)", "step_s_median", "{:.3f}"),
             ("step time p10 / p90 (s)", None, None), ("tokens per step", "tokens_per_step_mean", "{:.0f}"),
             ("peak GPU reserved (GiB)", "peak_reserved_gib", "{:.2f}"),
-            ("peak GPU allocated (GiB)", "peak_allocated_gib", "{:.2f}"), ("peak CPU RSS (GiB)", "peak_rss_gib", "{:.2f}"),
+            ("peak GPU allocated (GiB)", "peak_allocated_gib", "{:.2f}"),
+            ("peak CPU RSS (GiB)", "peak_rss_gib", "{:.2f}"),
             ("model FLOPs utilisation", "mfu", "{:.1%}")]
     for label, key, fmt in rows:
         if key is None:
@@ -113,7 +114,8 @@ def report(result: dict[str, Any]) -> None:
     plan = result["plan"]
     table.caption = (f"planner: {plan['total_gib']:.2f} GiB total, {plan['reserved_gib']:.2f} GiB in the allocator"
                      + (f"; budget {plan['budget']} ({plan['budget_gib']:.2f} GiB)" if plan.get("budget") else "")
-                     + (f"; allocator capped at {result['allocator_cap_gib']:.2f} GiB" if result.get("allocator_cap_gib") else "")
+                     + (f"; allocator capped at {result['allocator_cap_gib']:.2f} GiB"
+                        if result.get("allocator_cap_gib") else "")
                      + f"; {r['measured_steps']} steps after {result['warmup']} warm-up")
     Console().print(table)
     graphed = r.get("cuda_graphs")
@@ -122,9 +124,9 @@ def report(result: dict[str, Any]) -> None:
               f"{graphed['replays']} steps replayed, {graphed['eager_padded_steps']} eager"
               + (f"; capture failed: {graphed['failed']}" if graphed["failed"] else ""))
     if r["step_s_p90"] > 2 * r["step_s_median"]:
-        print(f"note: step times vary widely (p90 {r['step_s_p90']:.2f} s, median {r['step_s_median']:.2f} s): first-use "
-              "work (Triton compiling a kernel, a CUDA graph captured for a new length bucket) may fall inside the "
-              "measured steps, and token budgets split the longest batches; raise --steps or --warmup")
+        print(f"note: step times vary widely (p90 {r['step_s_p90']:.2f} s, median {r['step_s_median']:.2f} s): "
+              "first-use work (Triton compiling a kernel, a CUDA graph captured for a new length bucket) may fall "
+              "inside the measured steps, and token budgets split the longest batches; raise --steps or --warmup")
 
 
 def write_result(path: Path, result: dict[str, Any]) -> None:

@@ -75,7 +75,8 @@ def trained_lengths(row: dict[str, list[int]]) -> list[int]:
 def summarise(timer, warmup: int, end: int | None = None) -> dict[str, Any]:
     times, tokens = timer.times[warmup:end], timer.tokens[warmup:end]
     if not times:
-        raise UserError(f"no measured steps: the run stopped after {len(timer.times)} step(s), at or before the warm-up")
+        raise UserError(f"no measured steps: the run stopped after {len(timer.times)} step(s), "
+                        "at or before the warm-up")
     ordered = sorted(times)
 
     def pct(q: float) -> float:
@@ -142,7 +143,8 @@ def step_profiler(warmup: int, steps: int, out: Path):
                             "device_busy": device_us / 1e6 / wall if wall else None}
             head = (f"{steps} steps after {warmup} warm-up: {wall:.3f} s wall, kernels {device_us / 1e6:.3f} s "
                     f"({self.summary['device_busy'] or 0:.0%} busy)\n\n")
-            tables = [events.table(sort_by=key, row_limit=40) for key in ("self_device_time_total", "self_cpu_time_total")
+            tables = [events.table(sort_by=key, row_limit=40)
+                      for key in ("self_device_time_total", "self_cpu_time_total")
                       if key == "self_cpu_time_total" or torch.cuda.is_available()]
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(head + "\n\n".join(tables))
@@ -154,7 +156,6 @@ def step_profiler(warmup: int, steps: int, out: Path):
 
 def run(exp, steps: int, warmup: int, reference: bool = False, profile: Path | None = None) -> dict[str, Any]:
     """Benchmark ``exp``'s training loop for ``warmup + steps`` optimizer steps; the result as a dict."""
-    import gc
 
     import torch
 
@@ -223,7 +224,8 @@ def run(exp, steps: int, warmup: int, reference: bool = False, profile: Path | N
             ref["mfu"] = ref["tokens_per_s_overall"] * ref["flops_per_token"] / (peak * 1e12)
         result["reference"] = ref
         result["fx_over_reference"] = {
-            k: measured[k] / ref[k] for k in ("tokens_per_s", "tokens_per_s_overall", "peak_reserved_gib", "peak_allocated_gib")
+            k: measured[k] / ref[k]
+            for k in ("tokens_per_s", "tokens_per_s_overall", "peak_reserved_gib", "peak_allocated_gib")
             if ref.get(k)
         }
     return result

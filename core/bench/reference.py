@@ -20,12 +20,12 @@ from typing import Any
 def run(prep, exp, steps: int, warmup: int, timer) -> dict[str, Any]:
     """Train the plain recipe for ``warmup + steps`` steps on the experiment's training texts, timed by ``timer``
     (a trainer callback); its load time and trainable parameters."""
-    import datasets
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
+    import datasets
     from fx.data.tokenize import render
 
     model_name = prep.source.path()
@@ -33,7 +33,8 @@ def run(prep, exp, steps: int, warmup: int, timer) -> dict[str, Any]:
     dataset = datasets.Dataset.from_dict({"text": texts})
 
     bnb_config = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16, bnb_4bit_use_double_quant=False
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16,
+        bnb_4bit_use_double_quant=False
     )
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_name, quantization_config=bnb_config, device_map={"": 0})

@@ -118,7 +118,8 @@ def _validate(
         return None
 
 
-def _select(section: str, data: Any, problems: list[str], core: type[BaseModel] | None = None) -> tuple[Selected | None, BaseModel | None]:
+def _select(section: str, data: Any, problems: list[str],
+            core: type[BaseModel] | None = None) -> tuple[Selected | None, BaseModel | None]:
     """Validate a section that names a plugin: the naming key picks the class whose Settings check the rest."""
     key, kind = PLUGIN_SECTIONS[section]
     if not isinstance(data, dict):
@@ -156,7 +157,8 @@ def _trackers(data: Any, problems: list[str]) -> list[Selected]:
     for name, settings in data.items():
         if name not in registry:
             problems.append(
-                f"trackers.{name}: unknown tracker{did_you_mean(name, registry.names())} (installed: {', '.join(registry.names())})"
+                f"trackers.{name}: unknown tracker{did_you_mean(name, registry.names())} "
+                f"(installed: {', '.join(registry.names())})"
             )
             continue
         entry = registry[name]

@@ -6,8 +6,9 @@ Rows that do not fit the format are reported with their row numbers (all of them
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from fx.config.formats import FORMATS, column_problems
 from fx.data.templating import Message
@@ -130,7 +131,8 @@ def _preference(row: dict[str, Any], n: Names) -> Example:
     else:
         raise ValueError(f"{prompt!r} must be a non-empty string or a list of messages")
     answers = [_answer(row, c, n("role"), n("content"), {"assistant"}) for c in (chosen, rejected)]
-    return Example(messages=messages, chosen=answers[0], rejected=answers[1], extra=_rest(row, prompt, chosen, rejected))
+    return Example(messages=messages, chosen=answers[0], rejected=answers[1],
+                   extra=_rest(row, prompt, chosen, rejected))
 
 
 def _sharegpt_preference(row: dict[str, Any], n: Names) -> Example:
@@ -138,7 +140,8 @@ def _sharegpt_preference(row: dict[str, Any], n: Names) -> Example:
     messages = _asking(_turns(row.get(column), column, n("from"), n("value"), SHAREGPT_ROLES), column)
     speakers = {k for k, v in SHAREGPT_ROLES.items() if v == "assistant"}
     answers = [_answer(row, c, n("from"), n("value"), speakers) for c in (chosen, rejected)]
-    return Example(messages=messages, chosen=answers[0], rejected=answers[1], extra=_rest(row, column, chosen, rejected))
+    return Example(messages=messages, chosen=answers[0], rejected=answers[1],
+                   extra=_rest(row, column, chosen, rejected))
 
 
 # format -> the function that turns one row of it into an Example (fx.config.formats lists each one's columns)
@@ -196,7 +199,8 @@ def to_examples(rows, fmt: str, where: str, columns: dict[str, str] | None = Non
             bad.append(f"  row {index + 1}: {exc}")
     if bad:
         more = f"\n  ... and {len(bad) - MAX_REPORTED} more" if len(bad) > MAX_REPORTED else ""
-        raise UserError(f"{where}: {len(bad)} row(s) don't fit the {fmt!r} format:\n" + "\n".join(bad[:MAX_REPORTED]) + more)
+        raise UserError(f"{where}: {len(bad)} row(s) don't fit the {fmt!r} format:\n"
+                        + "\n".join(bad[:MAX_REPORTED]) + more)
     if not examples:
         raise UserError(f"{where}: the dataset has no rows")
     return examples

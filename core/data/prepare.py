@@ -66,5 +66,6 @@ def prepare(exp: Experiment) -> Prepared:
     except ValueError as exc:
         raise UserError(f"template {exp.template.name!r}: {exc}") from None
     if not train_tok.rows:
-        raise UserError(f"{exp.path}: no training row has an answer left within data.max_length = {exp.data.max_length}")
+        raise UserError(f"{exp.path}: no training row has an answer left within "
+                        f"data.max_length = {exp.data.max_length}")
     return Prepared(source, tokenizer, template, train_tok, held_tok, held, train)

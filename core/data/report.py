@@ -106,8 +106,8 @@ def build(exp: Experiment, count: int, png: Path | None) -> Report:
         raise UserError(f"template {exp.template.name!r}: {exc}") from None
     path = png or Path(exp.experiment.output_dir) / f"{exp.experiment.name}-lengths.png"
     title = f"{exp.experiment.name}: template {exp.template.name!r}"
-    return Report(LengthStats.of(lengths, max_length, unanswered), shown, length_histogram(lengths, max_length, path, title),
-                  len(train), len(held), train[0].is_preference)
+    return Report(LengthStats.of(lengths, max_length, unanswered), shown,
+                  length_histogram(lengths, max_length, path, title), len(train), len(held), train[0].is_preference)
 
 
 def show(exp: Experiment, report: Report, console) -> None:

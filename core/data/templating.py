@@ -118,7 +118,7 @@ def encode(tokenizer, rendered: Rendered, max_length: int) -> tuple[dict[str, li
     enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
     ids = enc["input_ids"][:max_length]
     labels = []
-    for token_id, (start, end) in zip(ids, enc["offset_mapping"]):
+    for token_id, (start, _end) in zip(ids, enc["offset_mapping"]):
         inside = any(s <= start < e for s, e in rendered.spans)
         labels.append(token_id if inside else -100)
     return {"input_ids": ids, "labels": labels}, len(enc["input_ids"])

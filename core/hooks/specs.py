@@ -6,7 +6,8 @@ while a run goes on (trackers and any other plugin observe them).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pluggy
 

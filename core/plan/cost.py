@@ -1,7 +1,7 @@
 """Peak GPU memory of a QLoRA training run, component by component, from the architecture and the workload.
 
-Each formula follows what the libraries fx trains with keep on the GPU (docs/memory.md, "How the estimate is
-made"); the constants below that are measured, not derived, were fitted on an H100 (scripts/measure_memory.py).
+Each formula follows what the libraries fx trains with keep on the GPU (docs/memory.md, "What the estimate
+counts"); the constants below that are measured, not derived, were fitted on an H100 (scripts/measure_memory.py).
 """
 
 from __future__ import annotations
@@ -167,6 +167,10 @@ def loss_working_bytes(arch: Architecture, work: Workload) -> float:
     """trl's fused LM head: a copy of the hidden states it scores, their fp32 gradient, the cast back, and one
     tile of 4096 tokens x 32768 vocabulary logits; the full (batch, seq, vocab) logits never exist."""
     n, d = work.tokens, dtype_bytes(work.compute_dtype)
+    if work.full_logits:  # not calibrated: the logits, their float32 copy, the log-softmax kept and its gradient,
+        per_token = arch.vocab * (d + 12)  # and a reference's logits and log-softmax beside them
+        per_token += arch.vocab * (d + 8) if work.reference_forward else 0
+        return n * arch.hidden * (d + 4 + d) + n * per_token
     return n * arch.hidden * (d + 4 + d) + min(n, LOGPROB_TOKENS) * LOGPROB_VOCAB * d
 
 
@@ -187,7 +191,8 @@ def activation_bytes(arch: Architecture, work: Workload, checkpointing: bool) ->
     """Saved activations plus the largest working set on top of them (a layer's backward, the loss's, DPO's
     reference forward)."""
     return saved_activation_bytes(arch, work, checkpointing) + max(
-        layer_working_bytes(arch, work, checkpointing), loss_working_bytes(arch, work), reference_forward_bytes(arch, work))
+        layer_working_bytes(arch, work, checkpointing), loss_working_bytes(arch, work),
+        reference_forward_bytes(arch, work))
 
 
 def optimizer_bytes(work: Workload, sizes: list[int], param_bytes: int) -> tuple[float, float]:
@@ -249,14 +254,17 @@ def plan(arch: Architecture, work: Workload, config_origin: str = "") -> Plan:
                   ("one layer recomputed, its gradient temporaries" if ckpt else "one layer's gradient temporaries")
                   + ("" if layer >= loss else f" ({layer / GIB:.2f} GiB, below the loss's)")),
         Component("logits and loss", loss if loss > layer and loss >= ref else 0.0,
-                  "trl's fused LM head, 4096 x 32768 logit tiles" + ("" if loss > layer and loss >= ref else
-                                                                      f" ({loss / GIB:.2f} GiB, freed before the layers' backward)")),
+                  ("the trainer's full float32 logits" if work.full_logits else
+                   "trl's fused LM head, 4096 x 32768 logit tiles")
+                  + ("" if loss > layer and loss >= ref else
+                     f" ({loss / GIB:.2f} GiB, freed before the layers' backward)")),
         Component("dequantised weight", dequant, "one base weight in the compute dtype during its matmul"),
     ]
     if work.reference_forward:
         components.insert(-1, Component("reference forward", ref if ref > max(layer, loss) else 0.0,
                                          "DPO's no-grad reference pass, adapter off, beside the policy's activations"
-                                         + ("" if ref > max(layer, loss) else f" ({ref / GIB:.2f} GiB, not at the peak)")))
+                                         + ("" if ref > max(layer, loss)
+                                            else f" ({ref / GIB:.2f} GiB, not at the peak)")))
     if work.reference_adapter:
         components.insert(4, Component("reference adapter", n_lora * 4, "a frozen float32 copy of the initial adapter"))
     working = max(layer, loss, ref) + dequant
@@ -265,6 +273,6 @@ def plan(arch: Architecture, work: Workload, config_origin: str = "") -> Plan:
     if opt_paged:
         components.append(Component("paged optimizer states", opt_paged,
                                     "bitsandbytes unified memory, outside PyTorch's allocator", in_allocator=False))
-    components.append(Component("CUDA context", CUDA_CONTEXT_GIB * GIB, "driver, kernels, cuBLAS, outside the allocator",
-                                in_allocator=False))
+    components.append(Component("CUDA context", CUDA_CONTEXT_GIB * GIB,
+                                "driver, kernels, cuBLAS, outside the allocator", in_allocator=False))
     return Plan(arch, work, components, other, config_origin)

@@ -14,7 +14,8 @@ def render(fitted: Fitted):
 
     p, w = fitted.plan, fitted.plan.work
     head = Text(f"model config: {p.config_origin}\n"
-                f"workload: {w.shape if w.micro_batch_tokens else 'micro-batch ' + w.shape} (accumulation {w.gradient_accumulation}), "
+                f"workload: {w.shape if w.micro_batch_tokens else 'micro-batch ' + w.shape} "
+                f"(accumulation {w.gradient_accumulation}), "
                 + ("a no-grad reference forward (adapter off), " if w.reference_forward else "") +
                 f"{w.quant_type} with {w.compute_dtype} compute, LoRA r={w.lora_r} on {', '.join(w.lora_targets)}, "
                 f"gradient checkpointing {'on' if w.gradient_checkpointing else 'off'}, {w.optim}")
@@ -24,7 +25,8 @@ def render(fitted: Fitted):
     table.add_column("note")
     for c in p.components:
         table.add_row(c.name, f"{c.gib:.2f}", c.note + ("" if c.in_allocator else " [not in max_memory_reserved]"))
-    table.add_row("total", f"{p.total / GIB:.2f}", f"of which PyTorch's allocator: {p.reserved / GIB:.2f} GiB", style="bold")
+    table.add_row("total", f"{p.total / GIB:.2f}", f"of which PyTorch's allocator: {p.reserved / GIB:.2f} GiB",
+                  style="bold")
     parts = [head, table]
     if fitted.budget_bytes is not None:
         room = fitted.budget_bytes - p.total

@@ -65,6 +65,9 @@ class Workload:
     sequences: int = 1
     reference_forward: bool = False
     reference_adapter: bool = False
+    # the trainer builds the whole (tokens x vocabulary) logits in float32 for a loss of its own, instead of trl's
+    # tiled LM head
+    full_logits: bool = False
     # the experiment keys that set each knob, for suggestions a user can paste after --set
     keys: dict[str, str] = field(default_factory=dict, compare=False)
 

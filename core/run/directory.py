@@ -22,7 +22,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-LIBRARIES = ("fx", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "pluggy", "pydantic")
+LIBRARIES = ("fx", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "pluggy",
+             "pydantic")
 
 
 class RunDir:

@@ -37,7 +37,8 @@ def write_loss_plot(history: History, path: Path, title: str) -> Series:
     loss_ax, lr_ax = figure.subplots(2, 1, sharex=True, height_ratios=(2, 1))
     loss_ax.set_title(title)
     loss_ax.set_ylabel("loss")
-    for label, style in (("train loss", dict(marker=".", linewidth=1.2)), ("held-out loss", dict(marker="o", linestyle="--"))):
+    for label, style in (("train loss", dict(marker=".", linewidth=1.2)),
+                         ("held-out loss", dict(marker="o", linestyle="--"))):
         steps, values = series[label]
         if steps:
             loss_ax.plot(steps, values, label=label, **style)

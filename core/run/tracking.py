@@ -64,7 +64,8 @@ class TrackerHub:
             except Exception as exc:  # a tracker must never take the run down
                 del self.trackers[name]
                 self.failed[name] = f"{type(exc).__name__}: {exc}"
-                print(f"fx: tracker {name!r} failed in {method}() and is switched off: {self.failed[name]}", file=sys.stderr)
+                print(f"fx: tracker {name!r} failed in {method}() and is switched off: {self.failed[name]}",
+                      file=sys.stderr)
 
     @hookimpl
     def fx_run_start(self, run) -> None:

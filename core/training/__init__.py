@@ -5,6 +5,7 @@ settings (``settings``) and trainer arguments (``arguments``), the run contract 
 
 from fx.training.method import Method, Session
 from fx.training.qlora import QLoraMethod
-from fx.training.settings import LoraSettings, PackingSettings, QLoraSettings, execution
+from fx.training.settings import LoraSettings, PackingSettings, QLoraSettings, TokenBudgetSettings, execution
 
-__all__ = ["LoraSettings", "Method", "PackingSettings", "QLoraMethod", "QLoraSettings", "Session", "execution"]
+__all__ = ["LoraSettings", "Method", "PackingSettings", "QLoraMethod", "QLoraSettings", "Session",
+           "TokenBudgetSettings", "execution"]

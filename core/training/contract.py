@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from fx.training.microbatch import split_steps
 from fx.training.qlora import keep_adapter_float32

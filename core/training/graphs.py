@@ -300,4 +300,5 @@ def loss_scaled_for_accumulation(trainer, num_items_in_batch) -> bool:
     decided = getattr(trainer, "loss_is_scaled_for_ga", None)
     if decided is not None:
         return decided
-    return (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) or trainer.compute_loss_func is not None
+    return ((trainer.model_accepts_loss_kwargs and num_items_in_batch is not None)
+            or trainer.compute_loss_func is not None)

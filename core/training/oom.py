@@ -18,7 +18,8 @@ def failure(progress: Progress, fitted, cap: float | None, checkpoints: Path, re
     import torch
 
     plan = fitted.summary() if fitted else {}
-    planned = f"; planned {plan['total_gib']} GiB, allocator cap {round(cap / 2**30, 3) if cap else None} GiB" if plan else ""
+    planned = (f"; planned {plan['total_gib']} GiB, allocator cap {round(cap / 2**30, 3) if cap else None} GiB"
+               if plan else "")
     tokens = token_budget_within(fitted, cap) if fitted else None
     last = last_checkpoint(checkpoints)
     if tokens and "micro_batch_tokens" in execution_keys:

@@ -110,7 +110,8 @@ class QLoraMethod(Method):
             gradient_accumulation=s.gradient_accumulation_steps,
             micro_batch_tokens=getattr(s, "micro_batch_tokens", 0),
             persistent_grads=packed and getattr(s, "cuda_graphs", False) is not False,  # graphed steps (a CUDA target)
-            keys={"micro_batch": "method.micro_batch_size", "gradient_accumulation": "method.gradient_accumulation_steps",
+            keys={"micro_batch": "method.micro_batch_size",
+                  "gradient_accumulation": "method.gradient_accumulation_steps",
                   "gradient_checkpointing": "method.gradient_checkpointing", "seq_len": "data.max_length",
                   "lora_r": "method.lora.r"},
         )

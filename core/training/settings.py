@@ -51,13 +51,21 @@ class QLoraSettings(Settings):
     logging_steps: int = execution(1, ge=1, le=10**6)
     # kernels (docs/performance.md), each measured on its own
     liger: bool | Literal["auto"] = execution("auto")  # Liger's fused RMSNorm/RoPE/SwiGLU; auto: on a CUDA GPU
-    attention: Literal["auto", "sdpa", "varlen"] = execution("auto")  # auto: varlen for padding-free rows where it exists
+    # auto: varlen for padding-free rows where it exists
+    attention: Literal["auto", "sdpa", "varlen"] = execution("auto")
     compile: bool = execution(False)  # torch.compile each decoder layer (CUDA only; ~1.5 min to compile)
 
 
-class PackingSettings(Settings):
-    """Levers for trainers whose loss is a sum over answer tokens divided by the batch's answer tokens (SFT)."""
+class TokenBudgetSettings(Settings):
+    """A token budget per forward/backward (fx.training.microbatch), for trainers whose loss is a sum over answer
+    tokens divided by ``num_items_in_batch`` (the batch's answer tokens), as SFT's is."""
+
+    # token budget per forward/backward; 0: micro_batch_size rows
+    micro_batch_tokens: int = execution(0, ge=0, le=10**8)
+
+
+class PackingSettings(TokenBudgetSettings):
+    """SFT's levers (fx.training.sft): packed rows and their steps replayed as CUDA graphs."""
 
     padding_free: bool = execution(True)  # a micro-batch's rows as one sequence, attention kept within each row
-    micro_batch_tokens: int = execution(0, ge=0, le=10**8)  # token budget per forward/backward; 0: micro_batch_size rows
     cuda_graphs: bool | Literal["auto"] = execution("auto")  # replay each padding-free step as a CUDA graph

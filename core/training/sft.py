@@ -28,8 +28,9 @@ def trainer(method, model, tokenizer, rows, session, **fields):
     """An SFT trainer for a QLoRA method (:class:`fx.training.QLoraMethod` with
     :class:`fx.training.settings.PackingSettings`): loss on the answer tokens of ``rows`` (``input_ids``,
     ``labels``), as its settings pack and graph them; ``fields`` add SFTConfig arguments."""
-    import datasets
     from trl import SFTConfig
+
+    import datasets
 
     args = method.trainer_args(
         SFTConfig, session,

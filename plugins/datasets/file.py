@@ -41,7 +41,8 @@ class FileDataset(DatasetSource):
         try:
             return datasets.load_dataset(LOADERS[path.suffix.lower()], data_files=str(path), split="train")
         except Exception as exc:  # datasets raises many types for unreadable files
-            raise UserError(f"{key}: cannot read {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
+            raise UserError(f"{key}: cannot read {path}: "
+                            f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
 
     def load(self):
         problems = self.check()

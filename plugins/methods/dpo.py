@@ -124,8 +124,9 @@ class DPO(fx.QLoraMethod):
 
     def trainer(self, model, tokenizer, rows, session):
         """trl's DPOTrainer on fx's tokenized preference rows, every argument explicit."""
-        import datasets
         from trl import DPOConfig
+
+        import datasets
 
         s = self.settings
         args = self.trainer_args(
@@ -149,8 +150,8 @@ class DPO(fx.QLoraMethod):
         )
         rows = [{**r, "length": len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"]))}
                 for r in rows]  # group_by_length reads the "length" column
-        trainer = _trainer_class()(model=model, ref_model=None, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                                   processing_class=tokenizer)
+        trainer = _trainer_class()(model=model, ref_model=None, args=args,
+                                   train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)
         if s.init_adapter is None and "ref" in model.peft_config:
             # trl copied the fresh adapter as "ref"; its B matrices are zero, so the copy computes the base: the
             # reference is the base with the adapter off, without a second adapter in memory

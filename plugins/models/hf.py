@@ -7,9 +7,9 @@ from pathlib import Path
 from pydantic import Field
 
 import fx
-from fx.sources.architectures import KNOWN_HUB_NAMES, llama_config
 from fx.errors import UserError
 from fx.sources import ModelSource
+from fx.sources.architectures import KNOWN_HUB_NAMES, llama_config
 
 
 class HFModel(ModelSource):
@@ -57,7 +57,8 @@ class HFModel(ModelSource):
         published architecture from fx's table (no network needed); else the hub."""
         from transformers import AutoConfig
 
-        name, kwargs = self.settings.name, dict(revision=self.settings.revision, trust_remote_code=self.trust_remote_code)
+        name, kwargs = self.settings.name, dict(revision=self.settings.revision,
+                                                trust_remote_code=self.trust_remote_code)
         try:
             config = AutoConfig.from_pretrained(name, local_files_only=True, **kwargs)
             self.config_origin = f"{name} ({'local folder' if Path(name).is_dir() else 'hub cache'})"
@@ -71,7 +72,8 @@ class HFModel(ModelSource):
         try:
             config = AutoConfig.from_pretrained(name, **kwargs)
         except OSError as exc:
-            raise UserError(f"model.name: cannot read the config of {name!r}: {str(exc).splitlines()[0][:200]}") from None
+            raise UserError(f"model.name: cannot read the config of {name!r}: "
+                            f"{str(exc).splitlines()[0][:200]}") from None
         self.config_origin = f"{name} (hub)"
         return config
 

@@ -7,8 +7,8 @@ through that answer; the answer is what the second adds to the first.
 from __future__ import annotations
 
 import fx
-from fx.errors import UserError
 from fx.data.templating import Message, Rendered, Template, content
+from fx.errors import UserError
 
 
 class Native(Template):
@@ -16,7 +16,8 @@ class Native(Template):
 
     def _chat(self, messages: list[Message], generation: bool) -> str:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise UserError("template 'native' needs a tokenizer with a chat template; this model has none (choose another template)")
+            raise UserError("template 'native' needs a tokenizer with a chat template; "
+                            "this model has none (choose another template)")
         plain = [{"role": m["role"], "content": content(m)} for m in messages]
         return self.tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation)
 

@@ -50,7 +50,8 @@ class ConsoleTracker(Tracker):
             self.progress = None
         shown = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not k.endswith(("_hits", "_total"))}
         if shown:
-            self.console.print(f"{stage}: " + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
+            self.console.print(f"{stage}: " + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                                                        for k, v in shown.items()))
 
     def finish(self, summary, error) -> None:
         from rich.table import Table

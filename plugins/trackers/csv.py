@@ -14,8 +14,8 @@ import time
 from typing import Any
 
 import fx
-from fx.files import write_atomic
 from fx.config.diff import flatten
+from fx.files import write_atomic
 from fx.run.tracking import Tracker
 
 
@@ -42,7 +42,8 @@ class CsvTracker(Tracker):
         if new:
             self.columns += new
             self.file.close()
-            write_atomic(self.path, _line(self.columns) + "".join(_line([r.get(c, "") for c in self.columns]) for r in self.rows))
+            write_atomic(self.path, _line(self.columns)
+                         + "".join(_line([r.get(c, "") for c in self.columns]) for r in self.rows))
             self.file = open(self.path, "a", encoding="utf-8")
         else:
             self.file.write(_line([row.get(c, "") for c in self.columns]))
@@ -50,7 +51,8 @@ class CsvTracker(Tracker):
 
     def finish(self, summary, error) -> None:
         self.file.close()
-        write_atomic(self.run.dir / "summary.csv", "".join(_line(pair) for pair in [("key", "value"), *flatten(summary).items()]))
+        write_atomic(self.run.dir / "summary.csv",
+                     "".join(_line(pair) for pair in [("key", "value"), *flatten(summary).items()]))
 
 
 @fx.hookimpl

@@ -35,7 +35,8 @@ class JsonlTracker(Tracker):
         self._write({"step": step, **metrics})
 
     def stage_end(self, stage, result) -> None:
-        self._write({"stage": stage, **{k: v for k, v in result.items() if isinstance(v, (int, float, str, type(None)))}})
+        self._write({"stage": stage,
+                     **{k: v for k, v in result.items() if isinstance(v, (int, float, str, type(None)))}})
 
     def finish(self, summary, error) -> None:
         self._write({"summary": summary})

@@ -36,7 +36,8 @@ def flat_params(config: dict, prefix: str = "") -> dict[str, str]:
 
 
 class MlflowTracker(Tracker):
-    description = "an MLflow run (params, metrics by step, adapter and plots as artifacts); local SQLite store by default"
+    description = ("an MLflow run (params, metrics by step, adapter and plots as artifacts); "
+                   "local SQLite store by default")
 
     class Settings(Tracker.Settings):
         tracking_uri: str | None = Field(None, min_length=1, max_length=4096)
@@ -60,7 +61,8 @@ class MlflowTracker(Tracker):
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
             experiment_id = experiment.experiment_id
-            if experiment.lifecycle_stage == "deleted":  # deleted in the UI, still holding the name: runs can't be added
+            # deleted in the UI, still holding the name: runs can't be added
+            if experiment.lifecycle_stage == "deleted":
                 self.client.restore_experiment(experiment_id)
         elif self.settings.tracking_uri is None:
             experiment_id = self.client.create_experiment(name, artifact_location=(output_dir / "mlartifacts").as_uri())
@@ -87,7 +89,8 @@ class MlflowTracker(Tracker):
 
         now = int(time.time() * 1000)
         numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, self.last_step) for k, v in numbers.items()])
+        self.client.log_batch(self.run_id,
+                              metrics=[Metric(k, float(v), now, self.last_step) for k, v in numbers.items()])
         folder = self.run.dir
         if (folder / "adapter").is_dir():
             self.client.log_artifacts(self.run_id, str(folder / "adapter"), "adapter")

@@ -43,7 +43,8 @@ class TensorBoardTracker(Tracker):
         self.last_step = max(self.last_step, step)
 
     def finish(self, summary, error) -> None:
-        self.writer.add_text("summary", "```json\n" + json.dumps(summary, indent=2) + "\n```", global_step=self.last_step)
+        self.writer.add_text("summary", "```json\n" + json.dumps(summary, indent=2) + "\n```",
+                             global_step=self.last_step)
         self.writer.close()
 
 

