@@ -52,9 +52,8 @@ def generate(model, tokenizer, template: Template, conversations: list[list[dict
     model.eval()
     dev = next(p.device for p in model.parameters())
     answers = []
-    stop = [t for t in {tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)}
-            if t is not None]
-    stop = [x for t in stop for x in (t if isinstance(t, list) else [t])]
+    ends = (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None))  # an id or a list
+    stop = sorted({x for t in ends if t is not None for x in (t if isinstance(t, list) else [t])})
     end = tokenizer.convert_tokens_to_ids(template.stop)  # the template's end of an answer, when it is one token
     if isinstance(end, int) and tokenizer.convert_ids_to_tokens(end) == template.stop:
         stop.append(end)

@@ -240,3 +240,16 @@ def test_merge_without_a_chat_template_saves_none(tiny_run, tmp_path, monkeypatc
     monkeypatch.setattr(Llama2, "chat_template", lambda self: None)
     assert cli.main(["merge", str(folder), "--out", str(tmp_path / "plain")]) == 0
     assert AutoTokenizer.from_pretrained(tmp_path / "plain").chat_template is None
+
+
+def test_generation_takes_end_ids_given_as_a_list(tiny_run):
+    """A generation config may hold its end-of-sequence ids as a list (as the model's does on a GPU after training,
+    transformers 5.17): generation stops on them all and answers as with the single id."""
+    from fx.evaluation import generate
+
+    _, folder, _ = tiny_run
+    loaded = inference.load(folder)
+    prompts = [[{"role": "user", "content": "What is 1 plus 2?"}], [{"role": "user", "content": "What is 4 plus 1?"}]]
+    single = generate(loaded.model, loaded.tokenizer, loaded.template, prompts, 4)
+    loaded.model.generation_config.eos_token_id = [loaded.tokenizer.eos_token_id]
+    assert generate(loaded.model, loaded.tokenizer, loaded.template, prompts, 4) == single
