@@ -110,7 +110,7 @@ def execute(exp: Experiment, plugins, resume: Path | None = None) -> Path:
     summary = Summary(
         folder if world.main else None, name=run.name, status="running", created=created,
         started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        model=exp.model.name, method=exp.method.name, template=exp.template.name,
+        model=exp.model.name, method=exp.method.name, template=exp.template.name, world_size=world.size,
         data={"train_rows": len(prep.train.rows), "eval_rows": len(prep.held_out.rows),
               "truncated": prep.train.truncated + prep.held_out.truncated,
               "dropped": prep.train.dropped + prep.held_out.dropped},

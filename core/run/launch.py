@@ -97,7 +97,9 @@ def launch(argv: list[str], ranks: int) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    for name in list(logging.root.manager.loggerDict):  # fx says how the ranks ended; each logger has its own level
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="fx-launch-") as notes:
         os.environ[LAUNCH_DIR] = notes
         if cpu_test():  # test-only: the ranks train on the CPU, whatever GPUs this machine has
@@ -126,9 +128,12 @@ def cause(said: dict[int, dict], killed: dict[int, int], ranks: int) -> tuple[in
     for _, rank, note in failed:
         if note["status"] == "out_of_memory":
             return rank, note["status"], note["message"]
-    if killed:
-        names = ", ".join(f"{r} by {signal.Signals(sig).name}" for r, sig in sorted(killed.items()))
-        return min(killed), "failed", f"rank {names} ended (of {ranks} ranks); the other ranks were stopped"
+    # the launcher stops the other ranks with SIGTERM (SIGINT passed on): a rank ended by another signal went first
+    first = {r: sig for r, sig in killed.items() if sig not in (signal.SIGTERM, signal.SIGINT)} or killed
+    if first:
+        names = ", ".join(f"{r} ({signal.Signals(sig).name})" for r, sig in sorted(first.items()))
+        return (min(first), "failed", f"rank{'s' if len(first) > 1 else ''} {names} of {ranks} ended; the other "
+                                      "ranks were stopped")
     if failed:
         _, rank, note = failed[0]
         return rank, note["status"], note["message"]
