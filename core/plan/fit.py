@@ -138,7 +138,9 @@ class Fitted:
 def refusal(path, fitted: Fitted) -> str:
     p = fitted.plan
     largest = ", ".join(f"{c.name} {fmt_gib(c.bytes)}" for c in p.largest(3))
-    lines = [f"{path}: the plan needs {fmt_gib(p.total)}, over the {fitted.budget_label} budget of "
+    rank = f" a rank of {p.work.ranks} GPUs" if p.work.ranks > 1 else ""
+    lines = [f"{path}: the plan{' of' + rank if rank else ''} needs {fmt_gib(p.total)}, over the {fitted.budget_label} "
+             f"budget{' per GPU' if rank else ''} of "
              f"{fmt_gib(fitted.budget_bytes)} (largest: {largest})."]
     options = suggestions(p.arch, p.work, fitted.budget_bytes)
     if options:

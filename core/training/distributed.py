@@ -80,10 +80,11 @@ def per_rank(micro_batch: int, accumulation: int, ranks: int) -> tuple[int, int]
     written back as one GPU's (accumulation x ranks) splits to itself again."""
     effective = micro_batch * accumulation
     if effective % ranks:
+        fits = next(a for a in range(accumulation, accumulation * ranks + 1) if micro_batch * a % ranks == 0)
         raise UserError(f"the effective batch (method.micro_batch_size {micro_batch} x "
                         f"method.gradient_accumulation_steps {accumulation} = {effective} rows) doesn't divide between "
                         f"{ranks} GPUs; make it a multiple of {ranks}, e.g. --set "
-                        f"method.gradient_accumulation_steps={accumulation * ranks}")
+                        f"method.gradient_accumulation_steps={fits}")
     share = effective // ranks
     rows = max(b for b in range(1, min(micro_batch, share) + 1) if share % b == 0)
     return rows, share // rows
