@@ -137,11 +137,13 @@ def test_gpus_refuses_what_cannot_work_before_anything_starts(write_experiment, 
     assert "this machine has no CUDA GPU" in refused(capsys, "run", exp, "--gpus", "2")  # CPU-only, outside tests
     monkeypatch.setenv(CPU_TEST, "1")
     assert "= 4 rows) doesn't divide between 3 GPUs" in refused(capsys, "run", exp, "--gpus", "3")
+    fsdp = ["--set", "distributed.strategy=fsdp"]
     assert "micro_batch_tokens doesn't go with FSDP" in refused(
-        capsys, "run", exp, "--gpus", "2", "--set", "distributed.strategy=fsdp", "--set", "method.micro_batch_tokens=64")
+        capsys, "run", exp, "--gpus", "2", *fsdp, "--set", "method.micro_batch_tokens=64")
     assert "cuda_graphs = true needs one process" in refused(
         capsys, "run", exp, "--gpus", "2", "--set", "method.cuda_graphs=true")
-    assert "strategy: unknown" not in refused(capsys, "run", exp, "--gpus", "2", "--set", "distributed.strategy=zero3")
+    assert "distributed.strategy: input should be 'auto', 'ddp' or 'fsdp'" in refused(
+        capsys, "run", exp, "--gpus", "2", "--set", "distributed.strategy=zero3")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert "under torchrun or accelerate launch leave it out" in refused(capsys, "run", exp, "--gpus", "2")
     assert not (tmp_path / "runs").exists()  # nothing started, nothing written
