@@ -121,6 +121,7 @@ def execute(exp: Experiment, plugins, resume: Path | None = None) -> Path:
         summary["distributed"] = distributed.describe(world, exp.method.settings)
         if world.main and "message" in summary["distributed"]:
             print(f"fx: {summary['distributed']['message']}", file=sys.stderr)
+    summary.write()  # a run killed before its end (kill -9 of a rank, say) still has a summary saying what it was
     error: BaseException | None = None
     try:
         if world.main:
