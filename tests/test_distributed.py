@@ -19,7 +19,7 @@ from fx.plan.shapes import Architecture, Workload
 from fx.run.launch import cause
 from fx.sources.architectures import llama_config
 from fx.training.checkpoints import MARK, last_checkpoint
-from fx.training.distributed import CPU_TEST, World, per_rank, per_rank_workload
+from fx.training.distributed import CPU_TEST, World, per_rank, per_rank_workload, problems
 
 FSDP_FILE = ROOT / "experiments" / "llama2_70b_fsdp.toml"
 
@@ -135,6 +135,7 @@ def refused(capsys, *args) -> str:
 def test_gpus_refuses_what_cannot_work_before_anything_starts(write_experiment, capsys, monkeypatch, tmp_path):
     exp = write_experiment(TINY_EXPERIMENT, TINY_ROWS)
     assert "this machine has no CUDA GPU" in refused(capsys, "run", exp, "--gpus", "2")  # CPU-only, outside tests
+    assert problems(config.load(exp), 4, "ddp", gpus=2) == ["--gpus 4: this machine has 2 CUDA GPUs"]
     monkeypatch.setenv(CPU_TEST, "1")
     assert "= 4 rows) doesn't divide between 3 GPUs" in refused(capsys, "run", exp, "--gpus", "3")
     fsdp = ["--set", "distributed.strategy=fsdp"]
