@@ -37,6 +37,7 @@ def _quiet_libraries() -> None:
 def cmd_run(args) -> int:
     from fx import config, pipeline
     from fx.hooks import manager
+    from fx.run import launch
     from fx.run.resume import load_run
     from fx.training.budget import use_expandable_segments
 
@@ -47,9 +48,12 @@ def cmd_run(args) -> int:
         exp = load_run(args.resume, args.set)
     else:
         exp = config.load(args.file, args.set)
+    if (launched := launch.start(exp, args.gpus, args.argv)) is not None:
+        return launched
     _quiet_libraries()
-    folder = pipeline.execute(exp, manager.get(), resume=args.resume)
-    print(f"run finished: {folder}")
+    folder = launch.as_rank(exp, lambda: pipeline.execute(exp, manager.get(), resume=args.resume))
+    if launch.rank() == 0:
+        print(f"run finished: {folder}")
     return 0
 
 
@@ -213,10 +217,10 @@ def cmd_plan(args) -> int:
     from fx import config
     from fx.plan.fit import refusal
     from fx.plan.gpus import GIB, GPUS
-    from fx.training.budget import plan_experiment
+    from fx.training.budget import plan_ranks
 
     exp = config.load(args.file, args.set)
-    fitted = plan_experiment(exp, args.budget)
+    fitted = plan_ranks(exp, args.budget, args.gpus or 1)
     if args.json:
         out = fitted.summary()
         out["gpus"] = {k: {"name": g.name, "memory_gib": g.memory_gib, "fits": fitted.plan.total <= g.memory_gib * GIB}
@@ -236,6 +240,7 @@ def cmd_plan(args) -> int:
 def cmd_bench(args) -> int:
     from fx import config
     from fx.bench import compare, measure
+    from fx.run import launch
     from fx.training.budget import use_expandable_segments
 
     use_expandable_segments()
@@ -245,8 +250,13 @@ def cmd_bench(args) -> int:
         result = compare.read_result(args.result)
     else:
         exp = config.load(args.file, args.set)
+        if (launched := launch.start(exp, args.gpus, args.argv)) is not None:
+            return launched
         _quiet_libraries()
-        result = measure.run(exp, steps=args.steps, warmup=args.warmup, reference=args.reference, profile=args.profile)
+        result = launch.as_rank(exp, lambda: measure.run(exp, steps=args.steps, warmup=args.warmup,
+                                                         reference=args.reference, profile=args.profile))
+        if launch.rank() != 0:
+            return 0
         compare.report(result)
         if args.out:
             compare.write_result(args.out, result)
@@ -265,6 +275,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its last complete checkpoint")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a key, e.g. --set method.max_steps=10 (repeatable)")
+    run.add_argument("--gpus", type=_positive, metavar="N", help="one process per GPU ([distributed] strategy)")
     run.set_defaults(func=cmd_run)
 
     validate = sub.add_parser("validate", help="check experiment files; report every problem at once")
@@ -277,6 +288,7 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--budget", metavar="GPU|GiB",
                       help="t4, a10g, l4, a100-40, a100-80, h100 or a number of GiB (default: the file's [budget])")
     plan.add_argument("--json", action="store_true")
+    plan.add_argument("--gpus", type=_positive, metavar="N", help="plan one rank of N GPUs; the budget is per GPU")
     plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     plan.set_defaults(func=cmd_plan)
 
@@ -292,6 +304,7 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--result", type=Path, help="compare this saved result instead of running FILE")
     bench.add_argument("--profile", type=Path, metavar="FILE",
                        help="profile the first measured steps with torch.profiler; write the operator table to FILE")
+    bench.add_argument("--gpus", type=_positive, metavar="N", help="measure N GPUs, one process each")
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     bench.set_defaults(func=cmd_bench)
 
@@ -361,21 +374,27 @@ def _percent(text: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # what the ranks --gpus launches run again
+    from fx.run.launch import note_failure, rank
+    this = rank()  # on several GPUs, rank 0 says what every rank would; each tells the launcher how it ended
     try:
         return args.func(args)
-    except UserError as exc:
-        print(f"fx: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except Interrupted as exc:
-        print(f"fx: {exc}", file=sys.stderr)
+    except (UserError, Interrupted) as exc:
+        note_failure(this, "refused" if isinstance(exc, UserError) else "interrupted", str(exc))
+        if this == 0:
+            print(f"fx: {'error: ' if isinstance(exc, UserError) else ''}{exc}", file=sys.stderr)
         return exc.exit_code
     except TrainingFailed as exc:
+        note_failure(this, getattr(exc, "status", "failed"), str(exc))
         print(f"fx: training failed: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
+        note_failure(this, "interrupted", "interrupted")
         print("fx: interrupted", file=sys.stderr)
         return 130
-
+    except Exception as exc:  # a bug, or a rank whose peer died: the launcher reports the first cause
+        note_failure(this, "failed", f"rank {this}: {type(exc).__name__}: {exc}"[:2000])
+        raise
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -67,13 +67,25 @@ def generate(model, tokenizer, template: Template, conversations: list[list[dict
         with torch.no_grad():
             out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
                                  do_sample=False, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
-                                 streamer=streamer)
+                                 streamer=streamer, synced_gpus=_sharded(model))
         for row in out[:, width:]:
             text = tokenizer.decode(row, skip_special_tokens=False).split(template.stop)[0]
             for special in tokenizer.all_special_tokens:
                 text = text.replace(special, "")
             answers.append(text.strip())
     return answers
+
+
+def _sharded(model) -> bool:
+    """Whether FSDP shards ``model`` over several ranks: every forward then needs every rank, so generation keeps
+    the ranks stepping together until all are done (transformers' ``synced_gpus``)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def _normal(text: str) -> str:

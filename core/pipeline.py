@@ -19,16 +19,17 @@ from fx.config import Experiment
 from fx.data.prepare import Prepared, prepare
 from fx.data.report import length_histogram
 from fx.data.tokenize import prompt_of
-from fx.errors import Interrupted
+from fx.errors import Interrupted, UserError
 from fx.evaluation import generate
 from fx.files import write_atomic
 from fx.plan.gpus import GIB
+from fx.run import launch
 from fx.run.directory import RunDir, peak_rss_gib
 from fx.run.plots import write_loss_plot
 from fx.run.run import Run, Summary
 from fx.run.tracking import TrackerHub
-from fx.training import budget, contract, oom
-from fx.training.checkpoints import last_checkpoint
+from fx.training import budget, contract, distributed, oom
+from fx.training.checkpoints import last_checkpoint, ranks_of
 from fx.training.method import Session
 
 
@@ -49,6 +50,23 @@ def write_samples(path: Path, prompts: list[list[dict]], before: list[str], afte
     write_atomic(path, "\n".join(lines))
 
 
+UNSHARDED = "_(not generated: under FSDP the model is sharded only once training starts)_"
+
+
+def resume_command(folder: Path) -> str:
+    size = distributed.current().size
+    return f"fx run --resume {folder}" + (f" --gpus {size}" if size > 1 else "")
+
+
+def _peaks(rank: int) -> dict[str, Any]:
+    """This rank's peak memory so far."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {"rank": rank, "peak_vram_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
+            "peak_rss_gib": peak_rss_gib()}
+
+
 def _measure_peaks(summary: Summary, wall_s: float) -> None:
     import torch
 
@@ -67,30 +85,47 @@ def execute(exp: Experiment, plugins, resume: Path | None = None) -> Path:
     fitted = budget.fit(exp)  # refuses a run over its budget before anything is loaded
     exp = fitted.exp if fitted else exp
     prep = prepare(exp)
-    folder = RunDir.create(Path(exp.experiment.output_dir), exp.experiment.name) if resume is None else RunDir(resume)
+    world = distributed.current()  # on several GPUs, rank 0 alone writes the folder and talks to plugins
+    if resume is None:
+        made = RunDir.create(Path(exp.experiment.output_dir), exp.experiment.name).path if world.main else None
+        folder = RunDir(distributed.share(made))
+    else:
+        folder = RunDir(resume)
+    if world.main:
+        launch.note_run(folder.path)
     previous = folder.read_summary() if resume is not None else {}
     found = last_checkpoint(folder.checkpoints) if resume is not None else None
-    run = Run(folder, exp.resolved(), plugins, resume_step=found[1] if found else None)
+    if found:
+        resumable(found[0], world)
+    run = Run(folder, exp.resolved(), plugins, resume_step=found[1] if found else None, main=world.main)
     created = previous.get("created") or datetime.now().isoformat(timespec="seconds")  # kept across resumptions
-    folder.write_setup(exp.resolved(), {"experiment_file": str(exp.path.resolve()), "base_dir": str(exp.base_dir),
-                                        "created": created})
-    length_histogram(prep.train.lengths + prep.held_out.lengths, exp.data.max_length, folder.lengths,
-                     f"{exp.experiment.name}: template {exp.template.name!r}")
-    hub = TrackerHub({t.name: t.cls(t.settings, run) for t in exp.trackers})
-    plugins.pm.register(hub, name=f"fx.trackers.active.{run.name}")
+    if world.main:
+        folder.write_setup(exp.resolved(), {"experiment_file": str(exp.path.resolve()),
+                                            "base_dir": str(exp.base_dir), "created": created})
+        length_histogram(prep.train.lengths + prep.held_out.lengths, exp.data.max_length, folder.lengths,
+                         f"{exp.experiment.name}: template {exp.template.name!r}")
+    hub = TrackerHub({t.name: t.cls(t.settings, run) for t in exp.trackers} if world.main else {})
+    if world.main:
+        plugins.pm.register(hub, name=f"fx.trackers.active.{run.name}")
     summary = Summary(
-        folder, name=run.name, status="running", created=created,
+        folder if world.main else None, name=run.name, status="running", created=created,
         started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        model=exp.model.name, method=exp.method.name, template=exp.template.name,
+        model=exp.model.name, method=exp.method.name, template=exp.template.name, world_size=world.size,
         data={"train_rows": len(prep.train.rows), "eval_rows": len(prep.held_out.rows),
               "truncated": prep.train.truncated + prep.held_out.truncated,
               "dropped": prep.train.dropped + prep.held_out.dropped},
     )
     if run.resume_step is not None:
         summary["resumed_from_step"] = run.resume_step
+    if world.size > 1:
+        summary["distributed"] = distributed.describe(world, exp.method.settings)
+        if world.main and "message" in summary["distributed"]:
+            print(f"fx: {summary['distributed']['message']}", file=sys.stderr)
+    summary.write()  # a run killed before its end (kill -9 of a rank, say) still has a summary saying what it was
     error: BaseException | None = None
     try:
-        plugins.hook.fx_run_start(run=run)
+        if world.main:
+            plugins.hook.fx_run_start(run=run)
         cap = budget.cap_allocator(fitted)
         if fitted:
             summary["memory_plan"] = {**fitted.summary(), "allocator_cap_gib": round(cap / GIB, 3) if cap else None}
@@ -110,18 +145,36 @@ def execute(exp: Experiment, plugins, resume: Path | None = None) -> Path:
     finally:
         # wall time adds up across a run and its resumptions
         _measure_peaks(summary, time.perf_counter() - started + previous.get("wall_s", 0))
-        try:  # the plot is a view of the run; a plotting failure must not hide how the run itself ended
-            write_loss_plot(run.history, folder.loss_plot, f"{run.name} ({summary['status']})")
-        except Exception as exc:
-            summary["plot_error"] = f"{type(exc).__name__}: {exc}"
-            print(f"fx: could not write plots/loss.png: {summary['plot_error']}", file=sys.stderr)
-        summary.write()
-        plugins.hook.fx_run_end(run=run, summary=dict(summary), error=error)
-        if hub.failed:
-            summary["trackers_failed"] = hub.failed
-            summary.write()
-        plugins.pm.unregister(hub)
+        if world.main:
+            _finish(run, summary, hub, plugins, error)
     return folder.path
+
+
+def _finish(run: Run, summary: Summary, hub: TrackerHub, plugins, error: BaseException | None) -> None:
+    try:  # the plot is a view of the run; a plotting failure must not hide how the run itself ended
+        write_loss_plot(run.history, run.files.loss_plot, f"{run.name} ({summary['status']})")
+    except Exception as exc:
+        summary["plot_error"] = f"{type(exc).__name__}: {exc}"
+        print(f"fx: could not write plots/loss.png: {summary['plot_error']}", file=sys.stderr)
+    summary.write()
+    plugins.hook.fx_run_end(run=run, summary=dict(summary), error=error)
+    if hub.failed:
+        summary["trackers_failed"] = hub.failed
+        summary.write()
+    plugins.pm.unregister(hub)
+
+
+def resumable(checkpoint: Path, world: distributed.World) -> None:
+    """Refuse a checkpoint this world can't load: FSDP's sharded checkpoints load under FSDP on as many ranks, and
+    one process's or DDP's checkpoints anywhere but under FSDP."""
+    wrote = ranks_of(checkpoint) or {"world_size": 1, "strategy": None}
+    size, strategy = int(wrote["world_size"]), wrote["strategy"]
+    if (strategy == "fsdp") == (world.strategy == "fsdp") and (strategy != "fsdp" or size == world.size):
+        return
+    how = f"--gpus {size} --set distributed.strategy={strategy}" if strategy == "fsdp" else (
+        f"--gpus {size}" if size > 1 else "in one process")
+    raise UserError(f"{checkpoint} was written by {size} rank(s) under {strategy or 'one process'}, which this run "
+                    f"({world.size} rank(s), {world.strategy or 'one process'}) can't load; resume with {how}")
 
 
 def _stages(exp: Experiment, prep: Prepared, run: Run, summary: Summary, previous: dict[str, Any],
@@ -131,6 +184,8 @@ def _stages(exp: Experiment, prep: Prepared, run: Run, summary: Summary, previou
 
     set_seed(exp.experiment.seed)  # adapters are initialised at random when the model loads
     method = exp.method.cls(exp.method.settings)
+    world = distributed.current()
+    sharded = world.strategy == "fsdp"  # the model is sharded when training starts: before it, nothing runs it
     with run.stage("load") as result:
         model = method.load(prep.source, prep.tokenizer)
         result["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -148,10 +203,10 @@ def _stages(exp: Experiment, prep: Prepared, run: Run, summary: Summary, previou
     prompts = sample_prompts(exp, prep) if exp.stages.generate.enabled else []
     if evaluating and "eval_before" in previous:
         summary["eval_before"] = previous["eval_before"]  # measured before the run was interrupted
-    elif evaluating:
+    elif evaluating and not sharded:
         evaluate_stage("before", 0)
-    before: list[str] = []
-    if prompts:
+    before: list[str] = [UNSHARDED] * len(prompts) if sharded else []
+    if prompts and not sharded:
         with run.stage("generate_before"):
             before = generate(model, prep.tokenizer, prep.template, prompts, exp.stages.generate.max_new_tokens)
     checkpoints = exp.checkpoints
@@ -163,23 +218,28 @@ def _stages(exp: Experiment, prep: Prepared, run: Run, summary: Summary, previou
                                          run.log, resume_from))
         except torch.OutOfMemoryError as exc:
             summary["status"] = "out_of_memory"
-            raise oom.failure(run.progress, fitted, cap, run.files.checkpoints, f"fx run --resume {run.dir}",
+            raise oom.failure(run.progress, fitted, cap, run.files.checkpoints, resume_command(run.dir),
                               exp.method.cls.execution_keys()) from exc
     summary.update(result)
+    if world.size > 1:
+        summary["per_rank"] = distributed.gather(_peaks(world.rank))
     summary.write()
     stopped = run.progress.stop_signal
     if stopped is not None:
         raise Interrupted(f"stopped by {signal.Signals(stopped).name} after step {result.get('steps')}; checkpoint "
-                          f"written. Resume with: fx run --resume {run.dir}", stopped)
-    with run.stage("save") as result:
-        result["adapter"] = str(run.files.save_adapter(lambda folder: method.save(model, folder)))
+                          f"written. Resume with: {resume_command(run.dir)}", stopped)
+    with run.stage("save") as result, distributed.whole_state(model):
+        if world.main:
+            run.files.save_adapter(lambda folder: method.save(model, folder))
+        result["adapter"] = str(run.files.adapter)
     if evaluating:
         evaluate_stage("after", summary.get("steps", 0))
     if prompts:
         with run.stage("generate_after"):
             after = generate(model, prep.tokenizer, prep.template, prompts, exp.stages.generate.max_new_tokens)
-        write_samples(run.files.samples, prompts, before, after)
-    if exp.stages.merge.enabled:
+        if world.main:
+            write_samples(run.files.samples, prompts, before, after)
+    if exp.stages.merge.enabled and world.main:
         del model  # the 4-bit model leaves memory before the 16-bit base comes in
         with run.stage("merge") as result:
             result.update(merge(exp, run.dir, run.files.merged, exp.stages.merge.dtype))

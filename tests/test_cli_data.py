@@ -38,6 +38,19 @@ def test_fx_data_on_every_shipped_experiment(path, tmp_path, capsys):
     assert "⟧" in capsys.readouterr().out and png.read_bytes().startswith(b"\x89PNG")
 
 
+def test_fx_data_of_a_random_architecture_writes_its_tokenizer_not_its_weights(tmp_path, monkeypatch, capsys):
+    """llama2-70b's random weights are 129 GiB: looking at the data must not make them."""
+    from fx.plugins.models.random import RandomModel
+
+    def write(self, folder):
+        raise AssertionError(f"fx data wrote the weights {folder}")
+
+    monkeypatch.setattr(RandomModel, "_write", write)
+    path = ROOT / "experiments" / "llama2_70b_fsdp.toml"
+    assert main(["data", str(path), "--examples", "1", "--png", str(tmp_path / "lengths.png")]) == 0
+    assert "⟧" in capsys.readouterr().out
+
+
 def test_stats_match_what_training_sees(write_experiment, tmp_path, capsys):
     """Truncation and dropped-row counts are the ones tokenization for training produces."""
     path = write_experiment(TINY_EXPERIMENT.replace("max_length = 64", "max_length = 24"), TINY_ROWS)

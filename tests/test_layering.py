@@ -140,7 +140,9 @@ def test_the_check_fails_on_an_upward_import_a_circle_and_a_plugin_reaching_into
     for expected in ("fx.config.experiment imports fx.training.budget: an upward import",
                      "fx.files imports fx.config: an upward import",
                      "fx.plugins.methods.dpo imports fx.plugins.methods.qlora_sft: a plugin never reaches into another "
-                     "plugin",
-                     "import circle: fx.training.checkpoints -> fx.training.oom"):
+                     "plugin"):
         assert expected in found
+    # the circle through what oom imports (its shortest path back may pass through the run contract)
+    assert any(p.startswith("import circle: fx.training.checkpoints -> ") and p.endswith("fx.training.oom")
+               for p in found), found
     assert problems(ROOT) == []  # what was planted, not the tree, made it fail

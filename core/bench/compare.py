@@ -24,7 +24,7 @@ EXECUTION_KEYS = {
     "experiment": ("output_dir", "description"),
     "method": ("micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "logging_steps", "optim"),
 }
-IGNORED_SECTIONS = ("trackers", "stages", "budget")
+IGNORED_SECTIONS = ("trackers", "stages", "budget", "distributed")
 
 # metric -> (label, higher is better)
 GATED = {
@@ -85,7 +85,9 @@ def report(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     r = result["results"]
-    table = Table(title=f"fx bench: {result['config']['experiment']['name']} on {hardware_key(result['hardware'])}")
+    ranks = result.get("world_size", 1)
+    table = Table(title=f"fx bench: {result['config']['experiment']['name']} on {hardware_key(result['hardware'])}"
+                  + (f" x {ranks} ranks ({result.get('strategy')}; memory: the largest rank's)" if ranks > 1 else ""))
     table.add_column("metric")
     table.add_column("fx", justify="right")
     ref = result.get("reference")
@@ -160,6 +162,8 @@ def compare(baseline: dict[str, Any], current: dict[str, Any], tolerance: float)
         diff = describe(workload_config(baseline["config"]), workload_config(current["config"]))
         raise UserError("cannot compare: the workloads differ (" + "; ".join(diff[:6]) + "); "
                         "compare results of the same experiment")
+    if baseline.get("world_size", 1) != current.get("world_size", 1):
+        return scaling(baseline, current)
     table = Table(title=f"fx bench compare (tolerance {tolerance:.0%})")
     for column in ("metric", "baseline", "current", "change", "verdict"):
         table.add_column(column, justify="left" if column in ("metric", "verdict") else "right")
@@ -185,4 +189,19 @@ def compare(baseline: dict[str, Any], current: dict[str, Any], tolerance: float)
         print(f"regression beyond {tolerance:.0%}: {', '.join(failed)}")
         return 1
     print(f"no regression beyond {tolerance:.0%}")
+    return 0
+
+
+def scaling(baseline: dict[str, Any], current: dict[str, Any]) -> int:
+    """The same workload on another number of GPUs: its speed-up and scaling efficiency (speed-up / GPU ratio), and
+    the largest rank's memory against the baseline's. A report, not a gate: 0."""
+    n0, n1 = baseline.get("world_size", 1), current.get("world_size", 1)
+    old, new = baseline["results"], current["results"]
+    speedup = new["tokens_per_s_overall"] / old["tokens_per_s_overall"]
+    print(f"scaling: {n1} GPUs ({current.get('strategy')}) at {new['tokens_per_s_overall']:.0f} tokens/s against "
+          f"{n0} at {old['tokens_per_s_overall']:.0f}: {speedup:.2f}x, efficiency {speedup / (n1 / n0):.0%}")
+    if old.get("peak_reserved_gib") and new.get("peak_reserved_gib"):
+        change = new["peak_reserved_gib"] / old["peak_reserved_gib"] - 1
+        print(f"peak GPU reserved, largest rank: {new['peak_reserved_gib']:.2f} GiB against "
+              f"{old['peak_reserved_gib']:.2f} GiB ({change:+.1%})")
     return 0

@@ -23,7 +23,7 @@ from fx.data.prepare import prepare
 from fx.errors import TrainingFailed, UserError
 from fx.plan.gpus import GIB, known_device
 from fx.run.directory import environment, peak_rss_gib
-from fx.training import budget, contract
+from fx.training import budget, contract, distributed
 from fx.training.method import Session
 from fx.training.oom import out_of_memory
 
@@ -162,6 +162,9 @@ def run(exp, steps: int, warmup: int, reference: bool = False, profile: Path | N
 
     if steps < 1 or warmup < 0:
         raise UserError("--steps must be at least 1 and --warmup at least 0")
+    world = distributed.current()
+    if reference and world.size > 1:
+        raise UserError("--reference runs the plain recipe in one process; leave out --gpus to compare with it")
     if reference and exp.method.cls.preference:
         raise UserError(f"--reference runs the plain SFT recipe; method {exp.method.name!r} trains on preference pairs "
                         "and has no plain counterpart to compare with")
@@ -179,6 +182,7 @@ def run(exp, steps: int, warmup: int, reference: bool = False, profile: Path | N
     load_s = time.perf_counter() - started
     timer = step_timer(sync)
     callbacks = [timer]
+    profile = profile if world.main else None  # one rank's operators are every rank's
     profiled = 3 if profile else 0
     if profile:
         profiler = step_profiler(warmup + steps, profiled, profile)
@@ -191,6 +195,11 @@ def run(exp, steps: int, warmup: int, reference: bool = False, profile: Path | N
         except torch.OutOfMemoryError as exc:
             raise TrainingFailed(out_of_memory(cap, exc)) from None
     measured = {**summarise(timer, warmup, warmup + steps), **memory_readings(torch), "load_s": load_s}
+    if world.size > 1:  # tokens are every rank's already; memory is each rank's own, gated on the largest
+        measured["per_rank"] = distributed.gather({"rank": world.rank, **memory_readings(torch)})
+        for key in ("peak_reserved_gib", "peak_allocated_gib", "peak_rss_gib"):
+            if key in measured:
+                measured[key] = max(r[key] for r in measured["per_rank"])
     if getattr(trainer, "graph_stats", None) is not None:
         measured["cuda_graphs"] = trainer.graph_stats
     if profile:
@@ -201,12 +210,13 @@ def run(exp, steps: int, warmup: int, reference: bool = False, profile: Path | N
     env = environment()
     peak = device_peak_tflops(env["hardware"])
     if peak:
-        measured["mfu"] = measured["tokens_per_s_overall"] * measured["flops_per_token"] / (peak * 1e12)
+        measured["mfu"] = measured["tokens_per_s_overall"] * measured["flops_per_token"] / (peak * 1e12 * world.size)
     resolved = exp.resolved()
     result: dict[str, Any] = {
         "kind": "fx-bench", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["fx", *sys.argv[1:]]),
         **env, "steps": steps, "warmup": warmup,
+        "world_size": world.size, "strategy": world.strategy,
         "config": resolved, "config_hash": workload_hash(resolved), "full_config_hash": full_hash(resolved),
         "plan": fitted.summary(), "allocator_cap_gib": cap / GIB if cap else None,
         "peak_tflops": peak, "results": measured,

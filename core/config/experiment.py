@@ -19,6 +19,7 @@ from fx.config.sections import (
     BudgetSettings,
     CheckpointSettings,
     DataSettings,
+    DistributedSettings,
     ExperimentSettings,
     StagesSettings,
 )
@@ -39,7 +40,8 @@ PLUGIN_SECTIONS = {
     "template": ("name", "templates"),
     "method": ("name", "methods"),
 }
-SECTIONS = ("experiment", "model", "data", "template", "method", "trackers", "stages", "checkpoints", "budget")
+SECTIONS = ("experiment", "model", "data", "template", "method", "trackers", "stages", "checkpoints", "budget",
+            "distributed")
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class Experiment:
     base_dir: Path  # relative paths in the experiment (data files) are relative to this folder
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
     budget: BudgetSettings = field(default_factory=BudgetSettings)
+    distributed: DistributedSettings = field(default_factory=DistributedSettings)
 
     def resolved(self) -> dict[str, Any]:
         """The experiment with every default filled in, as TOML-ready data (no None values)."""
@@ -80,6 +83,8 @@ class Experiment:
         out["checkpoints"] = self.checkpoints.model_dump()
         if self.budget != BudgetSettings():
             out["budget"] = self.budget.model_dump()
+        if self.distributed != DistributedSettings():
+            out["distributed"] = self.distributed.model_dump()
         return _drop_none(out)
 
 
@@ -232,11 +237,12 @@ def from_dict(raw: dict[str, Any], path: Path, base_dir: Path | None = None) -> 
     stages = _validate(StagesSettings, raw.get("stages", {}), "stages", problems)
     checkpoints = _validate(CheckpointSettings, raw.get("checkpoints", {}), "checkpoints", problems)
     budget = _validate(BudgetSettings, raw.get("budget", {}), "budget", problems)
+    distributed = _validate(DistributedSettings, raw.get("distributed", {}), "distributed", problems)
     if problems:
         raise ConfigError([f"{path}: {p}" for p in problems])
     base = Path(base_dir) if base_dir is not None else path.resolve().parent
     return Experiment(path, experiment, model, data, dataset, template, method, trackers, stages, checkpoints, base,
-                      raw, budget)
+                      raw, budget, distributed)
 
 
 def load(path: str | Path, overrides: list[str] = (), base_dir: Path | None = None) -> Experiment:

@@ -92,3 +92,12 @@ class StagesSettings(Settings):
 class CheckpointSettings(Settings):
     every_steps: int = Field(50, ge=0, le=10**9)  # 0: only at the end
     keep: int = Field(2, ge=1, le=1000)  # the newest K checkpoints are kept
+
+
+class DistributedSettings(Settings):
+    """``[distributed]``: how ``fx run --gpus N`` shares the training between N processes, one per GPU (a rank).
+    ``ddp``: every rank holds the whole model and trains on its share of each batch; ``fsdp``: the 4-bit weights,
+    adapters, gradients and optimizer states are sharded across the ranks (FSDP2), for a model one GPU can't hold;
+    ``auto``: DDP when the per-rank DDP plan fits one GPU, else FSDP. docs/distributed.md."""
+
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"

@@ -21,6 +21,10 @@ BACKWARD_WORKSET = 4.0       # bytes per token x intermediate size alive at once
 # allocator slack (reserved - allocated) with expandable segments, fitted on an H100: a fixed part and shares of
 # the working set (allocated and freed layer by layer) and of the saved activations
 SLACK_FIXED_GIB, SLACK_WORKING, SLACK_SAVED = 0.2, 0.07, 0.015
+# NCCL's own buffers and kernels per process with several ranks, outside PyTorch's allocator (not yet calibrated:
+# docs/distributed.md says how it is measured)
+NCCL_GIB = 0.3
+GATHERED_LAYERS = 2          # FSDP2 holds the layer computing and the one it prefetches unsharded
 
 
 def dtype_bytes(name: str) -> int:
@@ -275,4 +279,41 @@ def plan(arch: Architecture, work: Workload, config_origin: str = "") -> Plan:
                                     "bitsandbytes unified memory, outside PyTorch's allocator", in_allocator=False))
     components.append(Component("CUDA context", CUDA_CONTEXT_GIB * GIB,
                                 "driver, kernels, cuBLAS, outside the allocator", in_allocator=False))
+    if work.ranks > 1:
+        components = per_rank(components, arch, work, n_lora, lora_bytes)
     return Plan(arch, work, components, other, config_origin)
+
+
+def per_rank(components: list[Component], arch: Architecture, work: Workload, n_lora: int,
+             lora_bytes: int) -> list[Component]:
+    """One rank's share of a run on ``work.ranks`` GPUs. DDP: the single-GPU plan (of the per-rank micro-batch) plus
+    DDP's gradient buckets, a flat copy of every trainable gradient that lives as long as the model. FSDP: the
+    4-bit weights, 16-bit modules, adapters, their gradients and optimizer states divided by the ranks, plus the
+    layers gathered whole while they compute and the LM head, gathered from the end of the forward to the start of
+    the backward; bitsandbytes keeps each linear's whole quantisation state on every rank, so the constants are not
+    divided. Both add NCCL's buffers."""
+    n = work.ranks
+    out = []
+    for c in components:
+        if work.sharded and c.name in ("4-bit weights", "16-bit modules", "LoRA parameters", "optimizer states"):
+            c = Component(c.name, c.bytes / n, f"{c.note}; a 1/{n} shard", c.in_allocator)
+        elif work.sharded and c.name == "LoRA gradients":
+            c = Component(c.name, n_lora * lora_bytes / n + n_lora / arch.layers * lora_bytes,
+                          f"a 1/{n} shard of every gradient, and one layer's whole before its reduce-scatter")
+        elif work.sharded and c.name == "quantisation constants":
+            c = Component(c.name, c.bytes, f"{c.note}; whole on every rank (bitsandbytes' quant state)")
+        out.append(c)
+        if c.name == "optimizer states" and not work.sharded:
+            out.append(Component("gradient buckets", n_lora * lora_bytes,
+                                 "DDP's flat copy of the trainable gradients for the all-reduce"))
+        if c.name == "optimizer states" and work.sharded:
+            packed = sum(i * o for i, o in arch.linears().values()) / 2
+            lora = n_lora / arch.layers * dtype_bytes(work.compute_dtype)
+            head = arch.vocab * arch.hidden * dtype_bytes(work.compute_dtype)
+            out.append(Component("gathered layers", GATHERED_LAYERS * (packed + lora),
+                                 f"{GATHERED_LAYERS} decoder layers unsharded at once (computing, prefetched)"))
+            out.append(Component("gathered head", head, "the LM head whole from the end of the forward to the "
+                                 "start of the backward"))
+    out.insert(len(out) - 1, Component("NCCL buffers", NCCL_GIB * GIB,
+                                       f"communication between {n} ranks, outside the allocator", in_allocator=False))
+    return out

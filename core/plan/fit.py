@@ -38,9 +38,9 @@ def suggestions(arch: Architecture, work: Workload, budget_bytes: float) -> list
         accum = effective // b
         changed = replace(work, micro_batch=b, gradient_accumulation=accum)
         if plan(arch, changed).total <= budget_bytes:
-            consider(f"micro-batch {b} with {accum} accumulation steps (same effective batch {effective})",
-                     [f"{keys.get('micro_batch', 'micro_batch')}={b}",
-                      f"{keys.get('gradient_accumulation', 'gradient_accumulation')}={accum}"], changed)
+            ranks = f" per rank x {work.ranks} ranks" if work.ranks > 1 else ""
+            consider(f"micro-batch {b} with {accum} accumulation steps{ranks} (same effective batch "
+                     f"{effective * work.ranks})", batch_overrides(changed), changed)
             break
     if not work.gradient_checkpointing:
         consider("gradient checkpointing on", [f"{keys.get('gradient_checkpointing', 'gradient_checkpointing')}=true"],
@@ -58,6 +58,15 @@ def suggestions(arch: Architecture, work: Workload, budget_bytes: float) -> list
                 consider(f"LoRA rank {r}", [f"{keys.get('lora_r', 'lora_r')}={r}"], changed)
                 break
     return out
+
+
+def batch_overrides(work: Workload) -> list[str]:
+    """The ``--set`` assignments that give ``work``'s per-rank micro-batch and accumulation. An experiment's batch
+    keys mean one GPU's batch; fx divides it between the ranks (fx.training.distributed.per_rank), so a rank's
+    accumulation is written as ``ranks`` times as many steps on one GPU."""
+    keys = work.keys
+    return [f"{keys.get('micro_batch', 'micro_batch')}={work.micro_batch}",
+            f"{keys.get('gradient_accumulation', 'gradient_accumulation')}={work.gradient_accumulation * work.ranks}"]
 
 
 def divisors(n: int) -> list[int]:
@@ -129,7 +138,9 @@ class Fitted:
 def refusal(path, fitted: Fitted) -> str:
     p = fitted.plan
     largest = ", ".join(f"{c.name} {fmt_gib(c.bytes)}" for c in p.largest(3))
-    lines = [f"{path}: the plan needs {fmt_gib(p.total)}, over the {fitted.budget_label} budget of "
+    rank = f" a rank of {p.work.ranks} GPUs" if p.work.ranks > 1 else ""
+    lines = [f"{path}: the plan{' of' + rank if rank else ''} needs {fmt_gib(p.total)}, over the {fitted.budget_label} "
+             f"budget{' per GPU' if rank else ''} of "
              f"{fmt_gib(fitted.budget_bytes)} (largest: {largest})."]
     options = suggestions(p.arch, p.work, fitted.budget_bytes)
     if options:

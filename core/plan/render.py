@@ -5,6 +5,9 @@ from __future__ import annotations
 from fx.plan.fit import Fitted, fmt_gib
 from fx.plan.gpus import GIB, GPUS
 
+RANKS = {"ddp": "DDP (each holds the whole model; micro-batch and accumulation are the rank's share)",
+         "fsdp": "FSDP (weights, adapters, gradients and optimizer states sharded across the ranks)"}
+
 
 def render(fitted: Fitted):
     """The plan as a rich renderable: components, total, the budget's verdict, and the known GPUs."""
@@ -18,8 +21,9 @@ def render(fitted: Fitted):
                 f"(accumulation {w.gradient_accumulation}), "
                 + ("a no-grad reference forward (adapter off), " if w.reference_forward else "") +
                 f"{w.quant_type} with {w.compute_dtype} compute, LoRA r={w.lora_r} on {', '.join(w.lora_targets)}, "
-                f"gradient checkpointing {'on' if w.gradient_checkpointing else 'off'}, {w.optim}")
-    table = Table(title="estimated peak GPU memory")
+                f"gradient checkpointing {'on' if w.gradient_checkpointing else 'off'}, {w.optim}"
+                + (f"\none rank of {w.ranks} GPUs, {RANKS[w.strategy]}" if w.ranks > 1 else ""))
+    table = Table(title="estimated peak GPU memory" + (" of each rank" if w.ranks > 1 else ""))
     table.add_column("component")
     table.add_column("GiB", justify="right")
     table.add_column("note")
@@ -30,9 +34,10 @@ def render(fitted: Fitted):
     parts = [head, table]
     if fitted.budget_bytes is not None:
         room = fitted.budget_bytes - p.total
-        verdict = (f"fits the {fitted.budget_label} budget ({fmt_gib(fitted.budget_bytes)}) with {fmt_gib(room)} "
+        per = " per GPU" if w.ranks > 1 else ""
+        verdict = (f"fits the {fitted.budget_label} budget{per} ({fmt_gib(fitted.budget_bytes)}) with {fmt_gib(room)} "
                    f"headroom ({100 * room / fitted.budget_bytes:.0f}%)" if room >= 0 else
-                   f"does NOT fit the {fitted.budget_label} budget ({fmt_gib(fitted.budget_bytes)}): "
+                   f"does NOT fit the {fitted.budget_label} budget{per} ({fmt_gib(fitted.budget_bytes)}): "
                    f"{fmt_gib(-room)} over")
         parts.append(Text(verdict, style="green" if room >= 0 else "red bold"))
     gpus = Table(title="known GPUs")

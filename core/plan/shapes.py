@@ -68,6 +68,10 @@ class Workload:
     # the trainer builds the whole (tokens x vocabulary) logits in float32 for a loss of its own, instead of trl's
     # tiled LM head
     full_logits: bool = False
+    # several GPUs, planned per rank (docs/distributed.md): how many ranks, and whether FSDP shards the weights,
+    # adapters, gradients and optimizer states across them (else DDP: each rank holds the whole model)
+    ranks: int = 1
+    sharded: bool = False
     # the experiment keys that set each knob, for suggestions a user can paste after --set
     keys: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -80,6 +84,10 @@ class Workload:
             return min(self.micro_batch * self.gradient_accumulation * self.seq_len,
                        max(self.micro_batch_tokens, self.seq_len))
         return self.micro_batch * self.sequences * self.seq_len
+
+    @property
+    def strategy(self) -> str | None:
+        return None if self.ranks == 1 else "fsdp" if self.sharded else "ddp"
 
     @property
     def shape(self) -> str:

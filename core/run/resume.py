@@ -13,9 +13,9 @@ from fx.run.directory import RunDir
 
 def load_run(folder: Path, overrides: list[str] = ()) -> Experiment:
     """The run's resolved experiment, relative paths resolved from the original experiment file's folder.
-    ``overrides`` (``--set``) may change only how the run executes: the budget and the method's execution keys (a
-    token budget after an out-of-memory error, say), never what it computes, so a resumed run continues the same
-    training."""
+    ``overrides`` (``--set``) may change only how the run executes: the budget, ``[distributed]`` and the method's
+    execution keys (a token budget after an out-of-memory error, say), never what it computes, so a resumed run
+    continues the same training."""
     files = RunDir(folder)
     if not files.is_run():
         raise UserError(f"{folder}: not a run directory (no config.toml); give a folder that `fx run` made")
@@ -24,9 +24,9 @@ def load_run(folder: Path, overrides: list[str] = ()) -> Experiment:
     if not overrides:
         return exp
     changed = config.load(files.config, overrides, base_dir=base_dir)
-    allowed = ["budget.*", *(f"method.{key}" for key in exp.method.cls.execution_keys())]
+    allowed = ["budget.*", "distributed.*", *(f"method.{key}" for key in exp.method.cls.execution_keys())]
     refused = [key for key, _, _ in differences(exp.resolved(), changed.resolved())
-               if not (key.startswith("budget.") or key in allowed)]
+               if not (key.startswith(("budget.", "distributed.")) or key in allowed)]
     if refused:
         raise UserError(f"--set can't change {', '.join(refused)} of a run being resumed (it would train something "
                         f"else); a resumed run may change only {', '.join(allowed)}. Start a new run instead")

@@ -14,10 +14,12 @@ from fx.training.contract import Progress
 class Run:
     """What a plugin sees of a run: read-only facts, and the training progress as it goes."""
 
-    def __init__(self, folder: RunDir, config: dict[str, Any], plugins, resume_step: int | None = None):
+    def __init__(self, folder: RunDir, config: dict[str, Any], plugins, resume_step: int | None = None,
+                 main: bool = True):
         self.files = folder
         self._config = config
         self._plugins = plugins
+        self._main = main  # on several GPUs only rank 0's run calls the plugins' hooks
         self._resume_step = resume_step
         self.progress = Progress()
         self.history: list[tuple[int, dict[str, float]]] = []  # every fx_log call, in order (plots/loss.png)
@@ -40,23 +42,28 @@ class Run:
         if torch.cuda.is_available():
             metrics = {**metrics, "peak_vram_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3)}
         self.history.append((step, dict(metrics)))
-        self._plugins.hook.fx_log(run=self, step=step, metrics=metrics)
+        if self._main:
+            self._plugins.hook.fx_log(run=self, step=step, metrics=metrics)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[dict[str, Any]]:
         """Announce a stage to plugins; what the body puts in the yielded dict is the stage's result."""
-        self._plugins.hook.fx_stage_start(run=self, stage=name)
+        if self._main:
+            self._plugins.hook.fx_stage_start(run=self, stage=name)
         result: dict[str, Any] = {}
         yield result
-        self._plugins.hook.fx_stage_end(run=self, stage=name, result=result)
+        if self._main:
+            self._plugins.hook.fx_stage_end(run=self, stage=name, result=result)
 
 
 class Summary(dict):
-    """``summary.json``, rewritten after every stage so that a killed run still says how far it got."""
+    """``summary.json``, rewritten after every stage so that a killed run still says how far it got (by rank 0 alone
+    on several GPUs: ``folder`` None on the others)."""
 
-    def __init__(self, folder: RunDir, **values):
+    def __init__(self, folder: RunDir | None, **values):
         super().__init__(**values)
         self.folder = folder
 
     def write(self) -> None:
-        self.folder.write_summary(self)
+        if self.folder is not None:
+            self.folder.write_summary(self)

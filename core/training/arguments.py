@@ -6,12 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 from fx.training.devices import compute_dtype, device
+from fx.training.distributed import current, fsdp_arguments, per_rank
 
 
 def trainer_arguments(config_class, settings, session, **fields: Any):
     """``config_class(...)`` (``TrainingArguments`` or a subclass such as trl's ``SFTConfig``) from a method's QLoRA
     settings (:class:`fx.training.settings.QLoraSettings`, with ``micro_batch_tokens`` when it has one), the run's
-    :class:`fx.training.method.Session`, and the method's own ``fields`` (which win)."""
+    :class:`fx.training.method.Session`, and the method's own ``fields`` (which win). On several GPUs each rank gets
+    its share of the effective batch (:func:`fx.training.distributed.per_rank`) and, under FSDP, accelerate's FSDP2."""
     import torch
 
     s = settings
@@ -21,6 +23,9 @@ def trainer_arguments(config_class, settings, session, **fields: Any):
     budget = getattr(s, "micro_batch_tokens", 0)
     rows, accumulation = ((s.micro_batch_size * s.gradient_accumulation_steps, 1) if budget
                           else (s.micro_batch_size, s.gradient_accumulation_steps))
+    world = current()
+    rows, accumulation = per_rank(rows, accumulation, world.size)  # the same effective batch on any number of GPUs
+    sharded = world.strategy == "fsdp"
     every = session.checkpoint_every
     args: dict[str, Any] = dict(
         output_dir=str(session.output_dir),
@@ -35,7 +40,8 @@ def trainer_arguments(config_class, settings, session, **fields: Any):
         warmup_steps=s.warmup_ratio,  # a value below 1 is a ratio of the total steps
         weight_decay=s.weight_decay,
         max_grad_norm=s.max_grad_norm,
-        optim=s.optim if on_gpu else "adamw_torch",  # bitsandbytes' paged and 8-bit optimizers need a GPU
+        # bitsandbytes' paged and 8-bit optimizers need a GPU; under FSDP, torch's AdamW steps the sharded parameters
+        optim=s.optim if on_gpu and not sharded else "adamw_torch",
         bf16=on_gpu and dtype is torch.bfloat16,
         fp16=on_gpu and dtype is torch.float16,
         gradient_checkpointing=False,  # set on the model when it is loaded; the trainer must not change it
@@ -52,6 +58,8 @@ def trainer_arguments(config_class, settings, session, **fields: Any):
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
         remove_unused_columns=False,
+        ddp_find_unused_parameters=False,  # every adapter weight takes part in every step
+        **(fsdp_arguments() if sharded else {}),
     )
     args.update(fields)
     return config_class(**args)

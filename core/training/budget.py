@@ -9,13 +9,29 @@ import os
 from fx.config import apply_override, from_dict
 from fx.errors import UserError
 from fx.plan.cost import plan
-from fx.plan.fit import Fitted, allocator_fraction, auto_micro_batch, largest_token_budget, refusal
+from fx.plan.fit import (
+    Fitted,
+    allocator_fraction,
+    auto_micro_batch,
+    batch_overrides,
+    largest_token_budget,
+    refusal,
+)
 from fx.plan.gpus import GIB, GPUS, budget_gib
 from fx.plan.shapes import Architecture
+from fx.training.distributed import current, per_rank_workload
+from fx.training.distributed import problems as distributed_problems
 
 
-def plan_experiment(exp, budget: str | float | None = None) -> Fitted:
-    """Plan ``exp`` from its model's config alone. ``budget`` (a GPU name or GiB) overrides ``[budget]``."""
+def plan_experiment(exp, budget: str | float | None = None, ranks: int | None = None,
+                    strategy: str | None = None) -> Fitted:
+    """Plan one rank of ``exp`` from its model's config alone. ``budget`` (a GPU name or GiB, per GPU) overrides
+    ``[budget]``; ``ranks`` GPUs with ``strategy`` (None: the current world's; auto settled by
+    :func:`choose_strategy`)."""
+    if ranks is None:
+        ranks, strategy = current().size, current().strategy
+    if ranks > 1 and strategy is None:
+        strategy = choose_strategy(exp, ranks, budget)
     if budget is None:
         budget = exp.budget.gpu if exp.budget.gpu is not None else exp.budget.vram_gib
     gpu = GPUS.get(str(budget).lower())
@@ -29,27 +45,66 @@ def plan_experiment(exp, budget: str | float | None = None) -> Fitted:
     work = exp.method.cls(exp.method.settings).workload(exp.data.max_length, gpu.bf16 if gpu else None)
     if work is None:
         raise UserError(f"method {exp.method.name!r} gives the memory planner no workload; it can't be planned")
+    work = per_rank_workload(work, ranks, strategy)
     return Fitted(exp, plan(arch, work, source.config_origin), budget_bytes, label)
 
 
-def fit(exp) -> Fitted | None:
-    """Plan ``exp`` against ``[budget]``: apply ``budget.auto``, or refuse (UserError, exit 2) a run that won't fit.
-    Without a budget a plan is only recorded: None when the experiment can't be planned (a method without a
-    workload, a config that can't be read yet), and the run goes on."""
+def plan_ranks(exp, budget: str | float | None, ranks: int) -> Fitted:
+    """``fx plan --gpus N``: one rank's plan of ``exp`` on ``ranks`` GPUs; a strategy or batch that can't work on them
+    is refused (UserError) as ``fx run --gpus`` would refuse it."""
+    strategy = choose_strategy(exp, ranks, budget)
+    problems = distributed_problems(exp, ranks, strategy, gpus=ranks)  # planning for GPUs this machine may lack
+    if problems:
+        raise UserError("\n".join(problems))
+    return plan_experiment(exp, budget, ranks, strategy)
+
+
+def choose_strategy(exp, ranks: int, budget: str | float | None = None) -> str | None:
+    """``[distributed] strategy`` for ``ranks`` GPUs (None for one), ``auto`` settled: DDP when a rank's DDP plan fits
+    one GPU (the budget, else this machine's GPU), else FSDP; DDP when neither is known, when the method can't be
+    planned or can't shard."""
+    chosen = exp.distributed.strategy
+    if ranks == 1:
+        return None
+    if chosen != "auto":
+        return chosen
+    if "fsdp" not in getattr(exp.method.cls, "strategies", ()):
+        return "ddp"
+    try:
+        fitted = plan_experiment(exp, budget, ranks, "ddp")
+    except UserError:
+        return "ddp"
+    limit = fitted.budget_bytes or device_memory()
+    return "fsdp" if limit and fitted.plan.total > limit else "ddp"
+
+
+def device_memory() -> float | None:
+    """This process's GPU's memory in bytes; None without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+
+
+def fit(exp, ranks: int | None = None, strategy: str | None = None) -> Fitted | None:
+    """Plan a rank of ``exp`` against ``[budget]`` (per GPU; ``ranks`` and ``strategy`` as for
+    :func:`plan_experiment`): apply ``budget.auto``, or refuse (UserError, exit 2) a run that won't fit. Without a
+    budget a plan is only recorded: None when the experiment can't be planned (a method without a workload, a config
+    that can't be read yet), and the run goes on."""
     if exp.budget.gib() is None:
         try:
-            return plan_experiment(exp)
+            return plan_experiment(exp, ranks=ranks, strategy=strategy)
         except UserError:
             return None
-    fitted = plan_experiment(exp)
+    fitted = plan_experiment(exp, ranks=ranks, strategy=strategy)
     work, arch = fitted.plan.work, fitted.plan.arch
     if exp.budget.auto:
         chosen = auto_micro_batch(arch, work, fitted.budget_bytes)
         if chosen is not None:
             changes = []
             if chosen.micro_batch != work.micro_batch:
-                changes = [f"{work.keys['micro_batch']}={chosen.micro_batch}",
-                           f"{work.keys['gradient_accumulation']}={chosen.gradient_accumulation}"]
+                changes = batch_overrides(chosen)
             raw = copy.deepcopy(exp.raw)
             for assignment in changes:
                 apply_override(raw, assignment)
@@ -73,11 +128,12 @@ def cap_allocator(fitted: Fitted | None) -> float | None:
 
     if fitted is None or fitted.budget_bytes is None or not torch.cuda.is_available():
         return None
-    total = torch.cuda.get_device_properties(0).total_memory
+    gpu = torch.cuda.current_device()  # a rank's own GPU
+    total = torch.cuda.get_device_properties(gpu).total_memory
     fraction = allocator_fraction(fitted.plan, fitted.budget_bytes, total)
     if fraction is None:
         return None
-    torch.cuda.set_per_process_memory_fraction(fraction, 0)
+    torch.cuda.set_per_process_memory_fraction(fraction, gpu)
     return fraction * total
 
 
@@ -91,7 +147,7 @@ def token_budget_within(fitted: Fitted, cap: float | None, margin: float = 0.9) 
     elif fitted.budget_bytes:
         limit, key = fitted.budget_bytes * margin, "total"
     elif torch.cuda.is_available():
-        limit, key = torch.cuda.get_device_properties(0).total_memory * margin, "total"
+        limit, key = device_memory() * margin, "total"
     else:
         return None
     return largest_token_budget(fitted.plan.arch, fitted.plan.work, limit, key)

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fx.errors import UserError
+from fx.training.checkpoints import mark_complete
+from fx.training.distributed import batch_keys, current, largest, per_rank
 from fx.training.microbatch import split_steps
 from fx.training.qlora import keep_adapter_float32
 
@@ -46,9 +49,15 @@ def contract_callback(progress: Progress, log: Log):
             progress.step = state.global_step
             if state.global_step >= state.max_steps:
                 control.should_save = True  # the final checkpoint, whatever the interval
+            if current().size > 1:  # a signal to any rank stops every rank after the same step
+                progress.stop_signal = largest(progress.stop_signal or 0) or None
             if progress.stop_signal is not None:
                 control.should_save = True
                 control.should_training_stop = True
+
+        def on_save(self, args, state, control, **kwargs):
+            if current().size > 1:
+                mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = dict(logs or {})
@@ -95,12 +104,37 @@ def _count_batch_tokens(trainer, progress: Progress) -> None:
     trainer.data_collator = counting
 
 
+def check_world(method, trainer) -> None:
+    """Refuse a trainer that would not train as the world says (the mistake launchers make silently): all the
+    ranks, each its share of the effective batch, under FSDP when FSDP was chosen and not otherwise (an accelerate
+    config can switch it on behind fx's back)."""
+    world, args = current(), trainer.args
+    if world.size == 1:
+        return
+    if args.world_size != world.size:
+        raise UserError(f"the trainer sees {args.world_size} process(es) of the {world.size} launched")
+    if bool(getattr(trainer, "is_fsdp_enabled", False)) != (world.strategy == "fsdp"):
+        raise UserError(f"distributed.strategy is {world.strategy!r} but accelerate "
+                        f"{'shards' if trainer.is_fsdp_enabled else 'does not shard'} the model (an accelerate "
+                        "config or ACCELERATE_USE_FSDP?); set distributed.strategy to match, or unset it")
+    keys = batch_keys(method.settings)
+    budget = getattr(method.settings, "micro_batch_tokens", 0)
+    if keys is not None:
+        rows, accumulation = per_rank(keys[0] * keys[1], 1, world.size) if budget else per_rank(*keys, world.size)
+        if (args.per_device_train_batch_size, args.gradient_accumulation_steps) != (rows, accumulation):
+            raise UserError(f"method {type(method).__name__}'s trainer takes micro-batch "
+                            f"{args.per_device_train_batch_size} x accumulation {args.gradient_accumulation_steps} per "
+                            f"rank, not the {rows} x {accumulation} that keep the experiment's effective batch on "
+                            f"{world.size} GPUs: build its arguments with fx.QLoraMethod.trainer_args")
+
+
 def build(method, model, tokenizer, rows: list[dict], session, progress: Progress | None = None, callbacks=()):
     """The method's trainer as fx trains it: fx's callbacks instead of trl's printer, trainable weights in float32,
     token budgets, and (given ``progress``) each batch's real tokens counted."""
     from transformers.trainer_callback import PrinterCallback
 
     trainer = method.trainer(model, tokenizer, rows, session)
+    check_world(method, trainer)
     trainer.remove_callback(PrinterCallback)
     keep_adapter_float32(model)  # the optimizer is created later, in train()
     budget = getattr(method.settings, "micro_batch_tokens", 0)

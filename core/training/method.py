@@ -45,6 +45,9 @@ class Method(ABC):
 
     description = ""
     preference = False  # True: trains on preference rows (Example.chosen / Example.rejected)
+    # how it trains on several GPUs (docs/distributed.md): "ddp" works for any trainer; "fsdp" needs a model FSDP can
+    # shard (fx.QLoraMethod's 4-bit loading provides it)
+    strategies: tuple[str, ...] = ("ddp",)
 
     class Settings(settings.Settings):
         pass

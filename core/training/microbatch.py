@@ -4,7 +4,10 @@ gradient is the full batch's mean (what gradient accumulation computes) whatever
 
 from __future__ import annotations
 
+import functools
 from typing import Any
+
+from fx.training.distributed import current, total
 
 
 def split_micro_batches(batch: dict[str, Any], budget: int) -> list[dict[str, Any]]:
@@ -49,14 +52,27 @@ def split_micro_batches(batch: dict[str, Any], budget: int) -> list[dict[str, An
 
 def split_steps(trainer, budget: int) -> None:
     """Make ``trainer`` train each batch in passes of at most ``budget`` tokens (its own ``training_step`` for each).
-    For trainers whose loss is a sum over answer tokens divided by ``num_items_in_batch`` (SFT's)."""
+    For trainers whose loss is a sum over answer tokens divided by ``num_items_in_batch`` (SFT's). Under DDP each rank's
+    passes but its last skip the gradient reduction, so ranks may cut their batches differently."""
+    import contextlib
+
     step = trainer.training_step
 
     def training_step(model, inputs, num_items_in_batch=None):
         parts = split_micro_batches(inputs, budget)
         if len(parts) == 1:
             return step(model, inputs, num_items_in_batch)
-        total = (inputs["labels"][:, 1:] != -100).sum()  # positions whose next token is scored
-        return sum(step(model, part, total) for part in parts)
+        # positions whose next token is scored; on several ranks, all ranks' (the trainer counts them for each batch
+        # and scales each rank's loss by the ranks)
+        scored = (inputs["labels"][:, 1:] != -100).sum()
+        if current().size > 1:
+            scored = num_items_in_batch if num_items_in_batch is not None else total(scored)
+        # ranks cut their batches into different numbers of passes: only the last one reduces the gradients
+        quiet = functools.partial(trainer.accelerator.no_sync, model) if current().size > 1 else contextlib.nullcontext
+        loss = 0
+        for part in parts[:-1]:
+            with quiet():
+                loss = loss + step(model, part, scored)
+        return loss + step(model, parts[-1], scored)
 
     trainer.training_step = training_step

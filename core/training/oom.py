@@ -9,6 +9,7 @@ from fx.errors import TrainingFailed
 from fx.training.budget import token_budget_within
 from fx.training.checkpoints import last_checkpoint
 from fx.training.contract import Progress
+from fx.training.distributed import current
 
 
 def failure(progress: Progress, fitted, cap: float | None, checkpoints: Path, resume: str,
@@ -30,11 +31,15 @@ def failure(progress: Progress, fitted, cap: float | None, checkpoints: Path, re
                   f"--set method.gradient_checkpointing=true, or --set budget.vram_gib=<GiB>), or shorten "
                   "data.max_length in a new run")
     peak = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0
-    return TrainingFailed(
-        f"out of GPU memory at step {progress.step + 1}"
+    world = current()
+    where = f" on rank {world.rank} (GPU {world.local_rank}) of {world.size}" if world.size > 1 else ""
+    error = TrainingFailed(
+        f"out of GPU memory{where} at step {progress.step + 1}"
         + (f" on a batch of {progress.batch_tokens} tokens" if progress.batch_tokens else "")
         + f" (peak {peak:.2f} GiB reserved{planned}). The last checkpoint "
         f"({'step ' + str(last[1]) if last else 'none yet'}) is intact. {advice}")
+    error.status = "out_of_memory"  # what the run's summary says (the launcher reads it from a failing rank)
+    return error
 
 
 def out_of_memory(cap: float | None, exc: BaseException) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 
 from fx.training.arguments import trainer_arguments
 from fx.training.devices import compute_dtype, device, dtype_name
+from fx.training.distributed import current
 from fx.training.kernels import apply_liger, choose_attention, compile_layers
 from fx.training.method import Method, Session
 from fx.training.settings import QLoraSettings
@@ -16,6 +17,8 @@ from fx.training.settings import QLoraSettings
 class QLoraMethod(Method):
     """LoRA adapters on a 4-bit base: :meth:`load`, :meth:`save`, :meth:`load_trained` and :meth:`workload` for any
     trainer; :meth:`trainer_args` gives the trainer every precision, checkpoint and schedule argument from fx."""
+
+    strategies = ("ddp", "fsdp")  # several GPUs: whole model per rank, or its 4-bit weights sharded
 
     class Settings(QLoraSettings):
         pass
@@ -33,15 +36,20 @@ class QLoraMethod(Method):
         from transformers import BitsAndBytesConfig
 
         s = self.settings
+        dtype = compute_dtype(s.compute_dtype)
+        # FSDP shards floating-point tensors only: the packed 4-bit weights are stored in the compute dtype
+        storage = {"bnb_4bit_quant_storage": dtype} if current().strategy == "fsdp" else {}
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=s.quant_type,
-                                  bnb_4bit_use_double_quant=s.double_quant,
-                                  bnb_4bit_compute_dtype=compute_dtype(s.compute_dtype))
+                                  bnb_4bit_use_double_quant=s.double_quant, bnb_4bit_compute_dtype=dtype, **storage)
 
     def load_base(self, source):
-        """The 4-bit base model with the configured kernels and gradient checkpointing."""
+        """The 4-bit base model with the configured kernels and gradient checkpointing, on this rank's GPU (under
+        FSDP on the CPU, from where FSDP moves each layer's shard to the GPU: the whole model need not fit one)."""
         s = self.settings
+        world = current()
+        place = "cpu" if device() != "cuda" or world.strategy == "fsdp" else world.local_rank
         model = source.load(quantization_config=self.quantization_config(), dtype=compute_dtype(s.compute_dtype),
-                            device_map={"": 0} if device() == "cuda" else {"": "cpu"})
+                            device_map={"": place})
         keep_4bit_layout(model)
         apply_liger(model, False if s.compile else s.liger)
         choose_attention(model, s.attention, getattr(s, "padding_free", False))

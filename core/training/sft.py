@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 
 from fx.training.devices import device
+from fx.training.distributed import current, total
 
 
 def check(settings) -> list[str]:
@@ -21,7 +22,10 @@ def check(settings) -> list[str]:
 
 
 def uses_cuda_graphs(settings) -> bool:
-    return settings.padding_free and device() == "cuda" and settings.cuda_graphs is not False
+    """Graphed steps add their gradients outside autograd's hooks, which DDP and FSDP reduce through: one process
+    only."""
+    return (settings.padding_free and device() == "cuda" and settings.cuda_graphs is not False
+            and current().size == 1)
 
 
 def trainer(method, model, tokenizer, rows, session, **fields):
@@ -88,10 +92,14 @@ def trainer_class():
 
         def _track_num_input_tokens(self, inputs):
             """A padding-free batch has no padding and no attention mask: every token is real. (The trainer would
-            count tokens unequal to the pad token, missing each row's EOS when the pad token is the EOS.)"""
+            count tokens unequal to the pad token, missing each row's EOS when the pad token is the EOS.) Every rank's,
+            as the trainer's own count is."""
+            import torch
+
             if ("attention_mask" in inputs or "position_ids" not in inputs
                     or self.args.include_num_input_tokens_seen == "no"):
                 return super()._track_num_input_tokens(inputs)
-            self.state.num_input_tokens_seen += int(inputs["input_ids"].numel())
+            self.state.num_input_tokens_seen += int(total(torch.tensor(inputs["input_ids"].numel(),
+                                                                       device=inputs["input_ids"].device)))
 
     return FxSFTTrainer

@@ -57,20 +57,37 @@ class RandomModel(fx.ModelSource):
         self.config_origin = f"built-in architecture table ({self.settings.architecture})"
         return llama_config(self.settings.architecture)
 
-    def path(self) -> str:
+    def _folder(self) -> Path:
         s = self.settings
-        folder = cache_dir() / "models" / f"random-{s.architecture}-seed{s.seed}-{s.dtype}"
+        return cache_dir() / "models" / f"random-{s.architecture}-seed{s.seed}-{s.dtype}"
+
+    def path(self) -> str:
+        folder = self._folder()
         if not (folder / "model.safetensors.index.json").is_file() and not (folder / "model.safetensors").is_file():
             self._write(folder)
         return str(folder)
+
+    def _tokenizer_folder(self) -> Path:
+        folder = self._folder()
+        tok_dir = folder.with_name(folder.name + ".tokenizer")
+        if not tok_dir.is_dir():
+            cut_tokenizer(bundled.model_folder(), tok_dir, self.config().vocab_size)
+        return tok_dir
+
+    def tokenizer(self):
+        """The cut tokenizer, without writing the weights: ``fx data`` of a 70B architecture needs no 129 GiB."""
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(self._tokenizer_folder())
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
 
     def _write(self, folder: Path) -> None:
         import torch
         from transformers import LlamaForCausalLM
 
-        tok_dir = folder.with_name(folder.name + ".tokenizer")
-        if not tok_dir.is_dir():
-            cut_tokenizer(bundled.model_folder(), tok_dir, self.config().vocab_size)
+        tok_dir = self._tokenizer_folder()
         dtype = getattr(torch, self.settings.dtype)
         config = self.config()
         with torch.device("meta"):
