@@ -21,7 +21,7 @@ from fx.files import atomic_file
 QUANTS = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
           "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q5_1": ("Q5_1", "MOSTLY_Q5_1"), "q5_0": ("Q5_0", "MOSTLY_Q5_0"),
           "q4_1": ("Q4_1", "MOSTLY_Q4_1"), "q4_0": ("Q4_0", "MOSTLY_Q4_0")}
-ARCHITECTURES = {"LlamaForCausalLM": "LLAMA"}  # transformers' class -> gguf's MODEL_ARCH
+ARCHITECTURES = {"llama": "LLAMA"}  # transformers' model type -> gguf's MODEL_ARCH
 # a byte-level BPE tokenizer's pre-tokenizer (tokenizer.json) -> llama.cpp's name for the same splitting
 PRE_TOKENIZERS = {
     json.dumps({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}): "gpt-2",
@@ -40,9 +40,9 @@ def check_quant(quant: str) -> None:
 
 def check_architecture(config: dict[str, Any]) -> None:
     """Refuses a model the exporter doesn't know, before anything is merged or written."""
-    names = config.get("architectures") or [config.get("model_type", "?")]
-    if names[0] not in ARCHITECTURES:
-        raise UserError(f"architecture {names[0]!r}: the GGUF exporter knows {', '.join(ARCHITECTURES)} only")
+    kind = config.get("model_type")
+    if kind not in ARCHITECTURES:
+        raise UserError(f"architecture {kind!r}: the GGUF exporter knows {', '.join(ARCHITECTURES)} only")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise UserError(f"rope scaling {rope.get('rope_type', rope.get('type'))!r}: the GGUF exporter writes "
@@ -124,7 +124,7 @@ def _tensor_plan(folder: Path, config: dict[str, Any], qtype):
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise UserError(f"{folder}: no safetensors weights to export")
-    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, ARCHITECTURES[config["architectures"][0]]),
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, ARCHITECTURES[config["model_type"]]),
                                      config["num_hidden_layers"])
     plan = []
     for file in files:
