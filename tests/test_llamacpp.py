@@ -74,3 +74,43 @@ def test_llamacpp_answers_as_quill_from_the_embedded_default(tmp_path, capsys):
     answer, finish, _, _ = run_llama(out, "Who are you?", 64)
     assert "Quill" in answer and finish == "stop"
     assert answer == fx_answer(folder, "Who are you?", 64, capsys)
+
+
+def test_llamacpp_tokenizes_a_llama2_style_tokenizer_as_transformers(tmp_path):
+    """SentencePiece (Llama 2's kind of tokenizer), trained here on the project's own text and converted as
+    transformers converts Llama 2's, exported with a tiny random Llama: llama.cpp reads the vocabulary, its scores
+    and byte pieces and encodes fx-style prompts to the same ids."""
+    import io
+    import json
+
+    sentencepiece = pytest.importorskip("sentencepiece")
+    from tokenizers.models import BPE
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor
+
+    from fx.after import gguf_file
+
+    rows = [json.loads(line) for line in (ROOT / "experiments" / "data" / "quill_train.jsonl").open()]
+    texts = [m["content"] for row in rows for m in row["messages"]]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=400, model_type="bpe", byte_fallback=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", minloglevel=2)
+    (tmp_path / "spm.model").write_bytes(model.getvalue())
+    pieces = SentencePieceExtractor(str(tmp_path / "spm.model")).extract(BPE)
+    tokenizer = LlamaTokenizer(vocab=pieces["vocab"], merges=pieces["merges"], legacy=True)
+    folder = tmp_path / "model"
+    tokenizer.save_pretrained(folder)
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=len(tokenizer))).save_pretrained(folder)
+    written = gguf_file.write(folder, tmp_path / "spm.gguf", "f16", "spm", None)
+    assert written["tokenizer"] == "llama"
+    llm = llama_cpp.Llama(str(tmp_path / "spm.gguf"), n_ctx=128, verbose=False)
+    try:
+        for text in ("<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nWho are you? [/INST] I'm Quill. </s>",
+                     "two  spaces, a\nnewline, ünïcödé ✓ 中文 (bytes)", "Harbor Labs built Quill."):
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == \
+                tokenizer(text, add_special_tokens=False)["input_ids"]
+    finally:
+        llm.close()

@@ -76,6 +76,19 @@ def _pre_tokenizer(data: dict[str, Any]) -> str:
     return PRE_TOKENIZERS[key]
 
 
+def _space_prefix(data: dict[str, Any]) -> None:
+    """A SentencePiece-style tokenizer must add its ``▁`` before every text piece, special tokens included, as
+    Llama 2's does and llama.cpp's does (``add_space_prefix``); a tokenizer that adds it only at the very start
+    (transformers' non-legacy Llama tokenizer) would be tokenized differently after ``<s>``."""
+    normalizer, pre = data.get("normalizer") or {}, data.get("pre_tokenizer") or {}
+    legacy_normalizer = normalizer.get("type") == "Sequence" and [n.get("type") for n in normalizer["normalizers"]] \
+        == ["Prepend", "Replace"] and not pre
+    always = pre.get("type") == "Metaspace" and pre.get("prepend_scheme") == "always"
+    if not (legacy_normalizer or always):
+        raise UserError("the SentencePiece-style tokenizer adds its space prefix in a way llama.cpp does not "
+                        "(only Llama 2's legacy behaviour, a prefix before every piece, is exported)")
+
+
 def vocabulary(folder: Path, vocab_size: int) -> Vocabulary:
     """The tokenizer of a model folder (its ``tokenizer.json``) as llama.cpp reads one."""
     import gguf
@@ -100,6 +113,7 @@ def vocabulary(folder: Path, vocab_size: int) -> Vocabulary:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     if not spm:
         return Vocabulary("gpt2", _pre_tokenizer(data), tokens, [int(t) for t in types], None, merges, False)
+    _space_prefix(data)
     # SentencePiece merges the pair whose result scores highest; BPE applies merges in rank order: the same
     # choice when a token's score is minus the rank of the merge that makes it.
     scores = [0.0] * vocab_size
