@@ -1,4 +1,4 @@
-"""The ``fx`` command: run, validate, plugins; generate, chat, eval, merge and push for a finished run.
+"""The ``fx`` command: run, validate, plugins; generate, chat, eval, merge, export and push for a finished run.
 
 A user's mistake ends with exit code 2 and a line or two saying what is wrong; no traceback.
 """
@@ -160,6 +160,18 @@ def cmd_merge(args) -> int:
     result = merge(exp, args.run_dir, args.out or args.run_dir / "merged", args.dtype)
     print(f"merged ({result['dtype']}, {result['size_gib']} GiB): {result['path']}")
     return 0
+
+
+def cmd_export(args) -> int:
+    from fx.after import inference
+    from fx.after.export import export, record, report
+
+    _quiet_libraries()
+    result = export(inference.experiment(args.run_dir), args.run_dir, args.format, args.quant, args.out)
+    record(args.run_dir, result)
+    print(f"exported ({result['format']}, {result['quant']}, {result['size_gib']} GiB): {result['out']}")
+    print(report(result), file=sys.stderr if result["check"]["passed"] is False else sys.stdout)
+    return 1 if result["check"]["passed"] is False else 0
 
 
 def cmd_push(args) -> int:
@@ -345,6 +357,13 @@ def parser() -> argparse.ArgumentParser:
     mg.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
                     help="auto: bfloat16 (float16 on older GPUs); float32 on CPU, where fp16 matmuls are slow")
     mg.set_defaults(func=cmd_merge)
+
+    ex = sub.add_parser("export", help="a run's model as GGUF (llama.cpp) or for Ollama, checked against the adapter")
+    ex.add_argument("run_dir", type=Path)
+    ex.add_argument("--format", choices=("gguf", "ollama"), default="gguf")
+    ex.add_argument("--quant", default="f16", metavar="TYPE", help="f32 f16 bf16 q8_0 q5_1 q5_0 q4_1 q4_0 (f16)")
+    ex.add_argument("--out", type=Path, metavar="PATH", help="a .gguf file, or a new folder for ollama")
+    ex.set_defaults(func=cmd_export)
 
     push = sub.add_parser("push", help="publish a run's merged model (else its adapter) on the Hugging Face hub")
     push.add_argument("run_dir", type=Path)

@@ -1,4 +1,5 @@
-"""``fx run``: plan -> data -> run folder -> load -> evaluate -> train -> save -> evaluate -> samples -> merge.
+"""``fx run``: plan -> data -> run folder -> load -> evaluate -> train -> save -> evaluate -> samples -> merge ->
+export.
 
 Everything a user can get wrong (the file, the plugins, the data rows, the template, the budget) is checked before
 the run folder exists, so a refused run leaves nothing behind. Once training starts, a failure still leaves the
@@ -14,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from fx.after.export import export, report
 from fx.after.merge import merge
 from fx.config import Experiment
 from fx.data.prepare import Prepared, prepare
@@ -239,9 +241,17 @@ def _stages(exp: Experiment, prep: Prepared, run: Run, summary: Summary, previou
             after = generate(model, prep.tokenizer, prep.template, prompts, exp.stages.generate.max_new_tokens)
         if world.main:
             write_samples(run.files.samples, prompts, before, after)
-    if exp.stages.merge.enabled and world.main:
+    if (exp.stages.merge.enabled or exp.stages.export.enabled) and world.main:
         del model  # the 4-bit model leaves memory before the 16-bit base comes in
+    if exp.stages.merge.enabled and world.main:
         with run.stage("merge") as result:
             result.update(merge(exp, run.dir, run.files.merged, exp.stages.merge.dtype))
         summary["merge"] = result
         summary.write()
+    if exp.stages.export.enabled and world.main:
+        with run.stage("export") as result:
+            result.update(export(exp, run.dir, exp.stages.export.format, exp.stages.export.quant))
+        summary["exports"] = [dict(result)]
+        summary.write()
+        if result["check"]["passed"] is False:
+            print(f"fx: {report(dict(result))}", file=sys.stderr)

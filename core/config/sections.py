@@ -50,6 +50,19 @@ class MergeSettings(Settings):
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
 
 
+# the GGUF tensor types the gguf package can write (fx.after.gguf_file maps them); f16 is llama.cpp's usual input
+GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+
+
+class ExportSettings(Settings):
+    """After training (and the merge stage, when on), write the merged model as GGUF for llama.cpp (``gguf``) or as
+    an Ollama folder with a Modelfile (``ollama``) in ``export/``, and check it against the adapter."""
+
+    enabled: bool = False
+    format: Literal["gguf", "ollama"] = "gguf"
+    quant: Literal[GGUF_QUANTS] = "f16"  # type: ignore[valid-type]
+
+
 class BudgetSettings(Settings):
     """``[budget]``: the GPU memory a run may use. fx plans before loading, refuses a run that won't fit
     (``refuse``), or picks the largest micro-batch that fits (``auto``), and caps the CUDA allocator to it."""
@@ -87,6 +100,7 @@ class StagesSettings(Settings):
     evaluate: EvaluateSettings = EvaluateSettings()
     generate: GenerateSettings = GenerateSettings()
     merge: MergeSettings = MergeSettings()
+    export: ExportSettings = ExportSettings()
 
 
 class CheckpointSettings(Settings):

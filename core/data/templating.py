@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 
 from fx import settings
+from fx.errors import UserError
 
 Message = dict[str, str]
 
@@ -87,6 +88,14 @@ class Template:
         configured system prompt included). It is saved with a merged model, so that plain transformers'
         ``apply_chat_template`` prompts the model the way it was trained. None when this template has none."""
         return None
+
+    def ollama_template(self) -> str:
+        """A Go template with which Ollama prompts conversations exactly as :meth:`prompt` does (``fx export
+        --format ollama`` writes it into the Modelfile; the configured system prompt becomes its ``SYSTEM``, and
+        :attr:`stop` its stop parameter). Formats that wrap each message in fixed text can return
+        ``fx.data.ollama.Wrapping(...).go()``. The default refuses."""
+        raise UserError(f"template {type(self).__name__}: this template can't describe itself for Ollama (it has no "
+                        "ollama_template()); export --format gguf instead, whose chat template llama.cpp applies")
 
     def system_prelude(self) -> str:
         """Jinja that puts the configured system prompt first unless the conversation has one (:meth:`with_system`)."""

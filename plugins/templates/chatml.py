@@ -8,7 +8,19 @@ prompt ends with ``<|im_start|>assistant\\n``.
 from __future__ import annotations
 
 import fx
+from fx.data.ollama import Wrapping
 from fx.data.templating import Message, Rendered, Template, content, ends_with_user
+
+# The same rendering as ChatML.render and .prompt, for tokenizers saved with a merged or exported model.
+CHAT_TEMPLATE = """\
+{%- for message in messages %}
+{%- if message['role'] == 'system' and not loop.first %}
+{{- raise_exception('chatml has no place for a system message after the first') }}
+{%- endif %}
+{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}
+"""
 
 
 class ChatML(Template):
@@ -38,6 +50,15 @@ class ChatML(Template):
     def prompt(self, messages: list[Message]) -> str:
         ends_with_user(messages)
         return self._build(messages, generation=True).text
+
+    def chat_template(self) -> str:
+        return self.system_prelude() + CHAT_TEMPLATE
+
+    def ollama_template(self) -> str:
+        return Wrapping(system=("<|im_start|>system\n", "<|im_end|>\n"), no_system="",
+                        user=("<|im_start|>user\n", "<|im_end|>\n"),
+                        assistant=("<|im_start|>assistant\n", "<|im_end|>\n"),
+                        generation="<|im_start|>assistant\n").go()
 
 
 @fx.hookimpl

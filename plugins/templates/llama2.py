@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 import fx
+from fx.data.ollama import literal
 from fx.data.templating import Message, Rendered, Template, content
 
 TURN = re.compile(r"<s>\s*\[INST\]\s*(.*?)\s*\[/INST\](.*?)(?:</s>|$)", re.S)
@@ -38,6 +39,16 @@ CHAT_TEMPLATE = """\
 """
 
 
+# Ollama's Go template of the same prompts. Go's templates cannot trim, so messages are taken as they are: the
+# same prompts for messages without leading or trailing whitespace (which fx's rendering strips).
+GO_TEMPLATE = (
+    "{{ $first := true }}{{ range .Messages }}{{ if eq .Role \"user\" }}BOS[INST] "
+    "{{ if and $first $.System }}<<SYS>>\n{{ $.System }}\n<</SYS>>\n\n{{ end }}{{ .Content }} [/INST]"
+    "{{ else if eq .Role \"assistant\" }} {{ .Content }} EOS{{ end }}"
+    "{{ if ne .Role \"system\" }}{{ $first = false }}{{ end }}{{ end }}"
+)
+
+
 class Llama2(Template):
     description = "Llama 2 chat: <s>[INST] <<SYS>>...<</SYS>> user [/INST] answer </s>"
 
@@ -58,6 +69,9 @@ class Llama2(Template):
 
     def chat_template(self) -> str:
         return self.system_prelude() + CHAT_TEMPLATE
+
+    def ollama_template(self) -> str:
+        return GO_TEMPLATE.replace("BOS", literal(self.bos)).replace("EOS", literal(self.eos))
 
     def parse_text(self, text: str) -> list[Message] | None:
         """Split pre-formatted Llama 2 text (as in guanaco-llama2-1k) back into turns."""

@@ -7,6 +7,7 @@ through that answer; the answer is what the second adds to the first.
 from __future__ import annotations
 
 import fx
+from fx.data.ollama import probe
 from fx.data.templating import Message, Rendered, Template, content
 from fx.errors import UserError
 
@@ -39,6 +40,11 @@ class Native(Template):
 
     def prompt(self, messages: list[Message]) -> str:
         return self._chat(self.with_system(messages), generation=True)
+
+    def ollama_template(self) -> str:
+        """The tokenizer's chat template as a Go template, where it wraps each message in fixed text (ChatML-like
+        formats such as SmolLM2's do); refused otherwise."""
+        return probe(self._chat, "native").go()
 
     def chat_template(self) -> str | None:
         own = getattr(self.tokenizer, "chat_template", None)

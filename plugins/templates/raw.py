@@ -9,7 +9,26 @@ last user message.
 from __future__ import annotations
 
 import fx
+from fx.data.ollama import Wrapping
 from fx.data.templating import Message, Rendered, Template, content
+
+# The same rendering as Raw.render for conversations, for tokenizers saved with a merged or exported model.
+CHAT_TEMPLATE = """\
+{%- if messages and messages[0]['role'] == 'system' %}
+{{- messages[0]['content'] + '\\n' }}
+{%- set messages = messages[1:] %}
+{%- endif %}
+{%- for message in messages %}
+{%- if message['role'] == 'user' %}
+{{- message['content'] + '\\n' }}
+{%- elif message['role'] == 'assistant' %}
+{{- message['content'] + eos_token }}
+{%- if not loop.last %}{{- '\\n' }}{%- endif %}
+{%- else %}
+{{- raise_exception('raw has no place for a ' + message['role'] + ' message after the first') }}
+{%- endif %}
+{%- endfor %}
+"""
 
 
 class Raw(Template):
@@ -29,6 +48,14 @@ class Raw(Template):
                 if i + 1 < len(turns):
                     text += "\n"
         return Rendered(text, tuple(spans))
+
+    def chat_template(self) -> str:
+        return self.system_prelude() + CHAT_TEMPLATE
+
+    def ollama_template(self) -> str:
+        """Every answer in a prompt is followed by a user turn, so each closes with its newline."""
+        return Wrapping(system=("", "\n"), no_system="", user=("", "\n"), assistant=("", self.eos + "\n"),
+                        generation="").go()
 
 
 @fx.hookimpl

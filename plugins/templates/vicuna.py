@@ -7,11 +7,35 @@ carry the loss. ``</s>`` is the tokenizer's end-of-sequence token (Llama's is ex
 
 from __future__ import annotations
 
+import json
+
 import fx
+from fx.data.ollama import Wrapping
 from fx.data.templating import Message, Rendered, Template, content
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+
+# The same rendering as Vicuna.render, for tokenizers saved with a merged or exported model.
+CHAT_TEMPLATE = """\
+{%- if messages and messages[0]['role'] == 'system' %}
+{%- set system = messages[0]['content'] %}
+{%- set messages = messages[1:] %}
+{%- else %}
+{%- set system = """ + json.dumps(SYSTEM) + """ %}
+{%- endif %}
+{{- system + ' ' }}
+{%- for message in messages %}
+{%- if message['role'] == 'user' %}
+{{- 'USER: ' + message['content'] + ' ASSISTANT:' }}
+{%- elif message['role'] == 'assistant' %}
+{{- ' ' + message['content'] + eos_token }}
+{%- else %}
+{{- raise_exception('vicuna has no place for a ' + message['role'] + ' message after the first') }}
+{%- endif %}
+{%- endfor %}
+"""
 
 
 class Vicuna(Template):
@@ -28,6 +52,13 @@ class Vicuna(Template):
                 text += f" {message['content']}{self.eos}"
                 spans.append((start, len(text)))
         return Rendered(text, tuple(spans))
+
+    def chat_template(self) -> str:
+        return self.system_prelude() + CHAT_TEMPLATE
+
+    def ollama_template(self) -> str:
+        return Wrapping(system=("", " "), no_system=SYSTEM + " ", user=("USER: ", " ASSISTANT:"),
+                        assistant=(" ", self.eos), generation="").go()
 
 
 @fx.hookimpl

@@ -1,0 +1,117 @@
+"""``fx export``: a finished run's model where people run models. ``gguf``: one GGUF file for llama.cpp (and
+anything built on it); ``ollama``: a folder with that file and a Modelfile whose template, system prompt and stop
+parameter come from the run's template, for ``ollama create``. The input is the merged model (``fx merge``'s
+folder when the run has one, else a merge made for the export and removed after it); after writing, the export is
+checked against the adapter (fx.after.export_check) and the check recorded in the run's ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fx.after import export_check, gguf_file, inference
+from fx.after.merge import merge
+from fx.config import Experiment
+from fx.errors import UserError
+from fx.files import atomic_folder, write_atomic
+from fx.run.directory import RunDir
+
+FORMATS = ("gguf", "ollama")
+MODEL_FILE = "model.gguf"  # the GGUF inside an Ollama folder
+
+
+def default_out(run_dir: Path, fmt: str, quant: str) -> Path:
+    name = RunDir(run_dir).path.resolve().name
+    return Path(run_dir) / "export" / (f"{name}-{quant}.gguf" if fmt == "gguf" else f"ollama-{quant}")
+
+
+def _quoted(text: str, what: str) -> str:
+    if '"""' in text:
+        raise UserError(f"the {what} holds '\"\"\"', which a Modelfile cannot quote")
+    return f'"""{text}"""'
+
+
+def modelfile(template, quant: str, run_name: str) -> str:
+    """The Modelfile of an Ollama folder: the run's template as Ollama's Go template, its system prompt, and the
+    text that ends an answer as the stop parameter."""
+    go = template.ollama_template()
+    stop = template.stop
+    if '"' in stop or "\n" in stop:
+        raise UserError(f"the template's end of answer {stop!r} cannot be written as a Modelfile stop parameter")
+    lines = [f"# {run_name}, exported by fx ({quant}): ollama create NAME -f Modelfile", f"FROM ./{MODEL_FILE}",
+             f"TEMPLATE {_quoted(go, 'template')}"]
+    if template.settings.system_prompt is not None:
+        lines.append(f"SYSTEM {_quoted(template.settings.system_prompt, 'system prompt')}")
+    lines.append(f'PARAMETER stop "{stop}"')
+    return "\n".join(lines) + "\n"
+
+
+def _merged(exp: Experiment, run_dir: Path, work: Path) -> tuple[Path, dict[str, Any]]:
+    """The run's merged folder when it has one; otherwise the model merged into ``work`` for this export."""
+    files = RunDir(run_dir)
+    if (files.merged / "config.json").is_file():
+        return files.merged, {"path": str(files.merged), "reused": True}
+    result = merge(exp, run_dir, work / "merged", "auto")
+    return work / "merged", {**result, "reused": False, "path": None}  # removed after the export
+
+
+def export(exp: Experiment, run_dir: Path, fmt: str, quant: str, out: Path | None = None) -> dict[str, Any]:
+    """Write the run's model as ``fmt`` at ``out`` (default: ``RUN/export/...``), then check it. Every refusal
+    comes before anything is merged or written; what is written appears whole or not at all."""
+    run_dir = Path(run_dir)
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r}: one of {', '.join(FORMATS)}")
+    gguf_file.check_quant(quant)
+    inference.adapter_dir(run_dir)  # an unfinished run is refused here
+    source = exp.model.cls(exp.model.settings)
+    gguf_file.check_architecture(source.config().to_dict())
+    template = exp.template.cls(exp.template.settings, source.tokenizer())
+    chat_template = template.chat_template()
+    described = modelfile(template, quant, run_dir.resolve().name) if fmt == "ollama" else None
+    out = Path(out) if out is not None else default_out(run_dir, fmt, quant)
+    if out.exists():
+        raise UserError(f"{out} already exists; remove it or choose another --out")
+    if fmt == "gguf" and out.suffix != ".gguf":
+        raise UserError(f"--out {out}: a GGUF file's name ends in .gguf")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".fx-export-") as work:
+        merged, merge_result = _merged(exp, run_dir, Path(work))
+        if fmt == "gguf":
+            written = gguf_file.write(merged, out, quant, run_dir.resolve().name, chat_template)
+            model_path = out
+        else:
+            with atomic_folder(out) as folder:
+                written = gguf_file.write(merged, folder / MODEL_FILE, quant, run_dir.resolve().name, chat_template)
+                write_atomic(folder / "Modelfile", described)
+            model_path = out / MODEL_FILE
+            written["path"] = str(model_path)
+    result: dict[str, Any] = {"format": fmt, "out": str(out), **written, "merge": merge_result}
+    result["check"] = export_check.check(exp, run_dir, model_path, quant)
+    return result
+
+
+def record(run_dir: Path, result: dict[str, Any]) -> None:
+    """The export and its check in the run's ``summary.json`` (``exports``, one entry per output path)."""
+    files = RunDir(run_dir)
+    summary = files.read_summary()
+    summary["exports"] = [e for e in summary.get("exports", []) if e.get("out") != result["out"]] + [result]
+    files.write_summary(summary)
+
+
+def report(result: dict[str, Any]) -> str:
+    """One paragraph on the check, for the terminal; a failed check says so first, in capitals."""
+    check = result["check"]
+    if check["passed"] is None:
+        return f"check: not run ({'; '.join(check['problems'])})"
+    head = "check passed" if check["passed"] else "CHECK FAILED: the export does not behave like the adapter"
+    lines = [f"{head} (held-out loss {check['exported'].get('loss')} vs adapter {check['adapter'].get('loss')}, "
+             f"{check['loss_difference']:.2%} apart, tolerance {check['tolerance']['loss_relative']:.0%}; "
+             f"greedy answers {check['answers']['same']}/{check['answers']['total']} the same)"]
+    lines += [f"  - {p}" for p in check["problems"]]
+    if check["answers"]["first_divergence"]:
+        d = check["answers"]["first_divergence"]
+        lines.append(f"  first divergence, {d['prompt']!r}: adapter {d['adapter']!r} / exported {d['exported']!r}")
+    return "\n".join(lines)
