@@ -213,10 +213,10 @@ def cmd_plan(args) -> int:
     from fx import config
     from fx.plan.fit import refusal
     from fx.plan.gpus import GIB, GPUS
-    from fx.training.budget import plan_experiment
+    from fx.training.budget import auto_checkpointing, plan_experiment
 
     exp = config.load(args.file, args.set)
-    fitted = plan_experiment(exp, args.budget)
+    fitted = auto_checkpointing(plan_experiment(exp, args.budget))
     if args.json:
         out = fitted.summary()
         out["gpus"] = {k: {"name": g.name, "memory_gib": g.memory_gib, "fits": fitted.plan.total <= g.memory_gib * GIB}

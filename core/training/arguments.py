@@ -35,7 +35,8 @@ def trainer_arguments(config_class, settings, session, **fields: Any):
         warmup_steps=s.warmup_ratio,  # a value below 1 is a ratio of the total steps
         weight_decay=s.weight_decay,
         max_grad_norm=s.max_grad_norm,
-        optim=s.optim if on_gpu else "adamw_torch",  # bitsandbytes' paged and 8-bit optimizers need a GPU
+        # bitsandbytes' paged and 8-bit optimizers need a GPU; torch's (fused too) run anywhere
+        optim=s.optim if on_gpu or s.optim.startswith("adamw_torch") else "adamw_torch",
         bf16=on_gpu and dtype is torch.bfloat16,
         fp16=on_gpu and dtype is torch.float16,
         gradient_checkpointing=False,  # set on the model when it is loaded; the trainer must not change it
