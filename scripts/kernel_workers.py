@@ -158,9 +158,12 @@ def fx(args) -> None:
     order = 0
     for recipe in args.recipes:
         for key in args.fx_variants:
-            variant, sets = FX_VARIANTS[key]
+            # NAME@N: this variant times N steps instead of --steps (a shorter run where a whole epoch won't fit)
+            name, _, steps = key.partition("@")
+            variant, sets = FX_VARIANTS[name]
+            run = argparse.Namespace(**{**vars(args), "steps": int(steps) if steps else args.steps})
 
-            def measure(sets=sets, recipe=recipe):
+            def measure(sets=sets, recipe=recipe, args=run):
                 fitted = budget.fit(config.load(args.experiment, [*recipe_sets(recipe), *sets]))
                 s = fitted.exp.method.settings
                 cap = budget.cap_allocator(fitted)
@@ -191,7 +194,8 @@ def fx(args) -> None:
                         "cap_gib": cap / 2**30 if cap else None, "plan_reserved_gib": plan["reserved_gib"],
                         "plan_total_gib": plan["total_gib"], "auto_changes": fitted.changes,
                         "fx_4bit_calls": dict(calls), "cuda_graphs": graphs, "optim": s.optim}
-            record(args, "fx", recipe, order, variant, measure)
+            record(args, "fx", recipe, order, variant if run.steps == args.steps else f"{variant} ({run.steps} steps)",
+                   measure)
             order += 1
 
 
