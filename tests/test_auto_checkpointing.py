@@ -114,3 +114,23 @@ def test_out_of_memory_with_layers_left_out_suggests_checkpointing_them(tiny_exp
     assert main(["run", str(tiny_experiment), "--set", "method.name=hungry", "--set", "stages.evaluate.enabled=false",
                  "--set", "stages.generate.enabled=false", "--set", "method.gradient_checkpointing=1"]) == 1
     assert "--set method.gradient_checkpointing=true" in capsys.readouterr().err
+
+
+def test_fused_adamw_keeps_its_states_inside_the_allocator():
+    """torch's fused AdamW holds the same two float32 states as bitsandbytes' paged AdamW, but in the allocator:
+    the plan moves them from unified memory into the reserved total, the whole unchanged."""
+    paged = cost.plan(ARCH, WORK)
+    fused = cost.plan(ARCH, replace(WORK, optim="adamw_torch_fused"))
+    states = 32 * 2 * 64 * (4096 + 4096) * 8  # r=64 on q and v: 33.5M float32 LoRA weights, two states each
+    assert components(fused)["optimizer states"] == states == components(paged)["paged optimizer states"]
+    assert "paged optimizer states" not in components(fused)
+    assert fused.reserved == pytest.approx(paged.reserved + states)
+    assert fused.total == pytest.approx(paged.total)
+
+
+def test_auto_checkpoints_fewer_layers_the_more_budget_there_is():
+    work = Workload(4, 1024, True, 64, ("q_proj", "v_proj"), 0.1, micro_batch_tokens=2048, persistent_grads=True,
+                    dequantize_once=True, optim="adamw_torch_fused")
+    counts = [fit.fewest_checkpointed_layers(ARCH, work, gib * GIB) for gib in (8, 10, 12, 14, 20)]
+    assert all(c is not None for c in counts)
+    assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1]
