@@ -229,10 +229,10 @@ def cmd_plan(args) -> int:
     from fx import config
     from fx.plan.fit import refusal
     from fx.plan.gpus import GIB, GPUS
-    from fx.training.budget import plan_ranks
+    from fx.training.budget import auto_checkpointing, plan_ranks
 
     exp = config.load(args.file, args.set)
-    fitted = plan_ranks(exp, args.budget, args.gpus or 1)
+    fitted = auto_checkpointing(plan_ranks(exp, args.budget, args.gpus or 1))
     if args.json:
         out = fitted.summary()
         out["gpus"] = {k: {"name": g.name, "memory_gib": g.memory_gib, "fits": fitted.plan.total <= g.memory_gib * GIB}

@@ -20,60 +20,73 @@ from typing import Any
 def run(prep, exp, steps: int, warmup: int, timer) -> dict[str, Any]:
     """Train the plain recipe for ``warmup + steps`` steps on the experiment's training texts, timed by ``timer``
     (a trainer callback); its load time and trainable parameters."""
-    import torch
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-    from trl import SFTConfig, SFTTrainer
+    started = time.perf_counter()
+    model, tokenizer = load(prep)
+    load_s = time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = build(prep, exp, model, tokenizer, Path(tmp), warmup + steps, callbacks=[timer])
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        trainer.train()
+    return {"load_s": load_s, "trainable_params": trainable}
 
-    import datasets
-    from fx.data.tokenize import render
+
+def load(prep):
+    """The tutorial's 4-bit model and tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     model_name = prep.source.path()
-    texts = [render(prep.template, example).text for example in prep.train_examples]
-    dataset = datasets.Dataset.from_dict({"text": texts})
-
     bnb_config = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16,
         bnb_4bit_use_double_quant=False
     )
-    started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_name, quantization_config=bnb_config, device_map={"": 0})
-    load_s = time.perf_counter() - started
     model.config.use_cache = False
     model.config.pretraining_tp = 1
     tokenizer = AutoTokenizer.from_pretrained(model_name)
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    peft_config = LoraConfig(lora_alpha=16, lora_dropout=0.1, r=64, bias="none", task_type="CAUSAL_LM")
-    with tempfile.TemporaryDirectory() as tmp:
-        args = SFTConfig(
-            output_dir=str(Path(tmp)),
-            num_train_epochs=1,
-            max_steps=warmup + steps,
-            per_device_train_batch_size=4,
-            gradient_accumulation_steps=1,
-            optim="paged_adamw_32bit",
-            save_strategy="no",
-            logging_steps=exp.method.settings.logging_steps,  # 25 in the tutorial and the bench experiment
-            learning_rate=2e-4,
-            weight_decay=0.001,
-            fp16=False,
-            bf16=False,
-            max_grad_norm=0.3,
-            warmup_steps=0.03,
-            train_sampling_strategy="group_by_length",
-            lr_scheduler_type="cosine",
-            report_to="none",
-            gradient_checkpointing=True,
-            max_length=exp.data.max_length,
-            dataset_text_field="text",
-            packing=False,
-            include_num_input_tokens_seen="non_padding",
-            disable_tqdm=True,
-            seed=exp.experiment.seed,
-        )
-        trainer = SFTTrainer(model=model, train_dataset=dataset, peft_config=peft_config, processing_class=tokenizer,
-                             args=args, callbacks=[timer])
-        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-        trainer.train()
-    return {"load_s": load_s, "trainable_params": trainable}
+    return model, tokenizer
+
+
+def build(prep, exp, model, tokenizer, output_dir: Path, max_steps: int, callbacks=(), lora: dict | None = None):
+    """The tutorial's SFTTrainer on ``model`` (from :func:`load`) and the experiment's training texts; ``lora``
+    changes its LoraConfig (another recipe on the same plain code)."""
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    import datasets
+    from fx.data.tokenize import render
+
+    texts = [render(prep.template, example).text for example in prep.train_examples]
+    dataset = datasets.Dataset.from_dict({"text": texts})
+    peft_config = LoraConfig(**{**dict(lora_alpha=16, lora_dropout=0.1, r=64, bias="none", task_type="CAUSAL_LM"),
+                                **(lora or {})})
+    args = SFTConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=1,
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        optim="paged_adamw_32bit",
+        save_strategy="no",
+        logging_steps=exp.method.settings.logging_steps,  # 25 in the tutorial and the bench experiment
+        learning_rate=2e-4,
+        weight_decay=0.001,
+        fp16=False,
+        bf16=False,
+        max_grad_norm=0.3,
+        warmup_steps=0.03,
+        train_sampling_strategy="group_by_length",
+        lr_scheduler_type="cosine",
+        report_to="none",
+        gradient_checkpointing=True,
+        max_length=exp.data.max_length,
+        dataset_text_field="text",
+        packing=False,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,
+        seed=exp.experiment.seed,
+    )
+    return SFTTrainer(model=model, train_dataset=dataset, peft_config=peft_config, processing_class=tokenizer,
+                      args=args, callbacks=list(callbacks))

@@ -146,13 +146,20 @@ def layer_activation_bytes(arch: Architecture, work: Workload) -> float:
     return norms + attention + mlp + lora
 
 
-def saved_activation_bytes(arch: Architecture, work: Workload, checkpointing: bool) -> float:
-    """Activations alive when backward starts: every layer's saved tensors, or with gradient checkpointing only
-    each layer's input (the compute dtype's hidden state per token)."""
+def checkpointed_layers(arch: Architecture, work: Workload) -> int:
+    """How many decoder layers gradient checkpointing recomputes: the first ones, whose backward runs last, after
+    the other layers' activations are freed."""
+    if not work.gradient_checkpointing:
+        return 0
+    return arch.layers if work.checkpointed_layers is None else min(work.checkpointed_layers, arch.layers)
+
+
+def saved_activation_bytes(arch: Architecture, work: Workload, checkpointed: int) -> float:
+    """Activations alive when backward starts: each of the ``checkpointed`` layers keeps only its input (the compute
+    dtype's hidden state per token), every other layer all its saved tensors."""
     n = work.tokens
-    if checkpointing:
-        return arch.layers * dtype_bytes(work.compute_dtype) * arch.hidden * n
-    return arch.layers * layer_activation_bytes(arch, work) * n
+    inputs = checkpointed * dtype_bytes(work.compute_dtype) * arch.hidden * n
+    return inputs + (arch.layers - checkpointed) * layer_activation_bytes(arch, work) * n
 
 
 def layer_working_bytes(arch: Architecture, work: Workload, checkpointing: bool) -> float:
@@ -191,12 +198,45 @@ def reference_forward_bytes(arch: Architecture, work: Workload) -> float:
     return n * arch.hidden * d + max(layer, head)
 
 
+@dataclass
+class Peak:
+    """What is alive at the backward's peak: activations, the working set on top, dequantised base weights."""
+
+    saved: float
+    working: float
+    weights: float
+    kind: str  # "layer" (a layer's backward), "loss" (the LM head's), "reference" (DPO's reference forward)
+    recomputed: bool = False  # a checkpointed layer's backward, after the other layers' activations were freed
+
+    @property
+    def total(self) -> float:
+        return self.saved + self.working + self.weights
+
+
+def backward_peak(arch: Architecture, work: Workload, checkpointed: int) -> Peak:
+    """The backward's peak with the first ``checkpointed`` layers checkpointed. At its start everything saved is
+    alive, with the loss's, DPO's reference forward's or a kept layer's working set on top; the checkpointed layers'
+    backward runs last, with only their inputs left and one layer recomputed on top (holding all its dequantised
+    weights when ``dequantize_once`` keeps them from the recompute for its backward)."""
+    d, n = dtype_bytes(work.compute_dtype), work.tokens
+    one = max(i * o for i, o in arch.linears().values()) * d  # one dequantised weight during its matmul
+    saved = saved_activation_bytes(arch, work, checkpointed)
+    candidates = []
+    if checkpointed:
+        weights = sum(i * o for i, o in arch.linears().values()) * d if work.dequantize_once else one
+        candidates.append(Peak(checkpointed * d * arch.hidden * n, layer_working_bytes(arch, work, True), weights,
+                               "layer", recomputed=True))
+    if checkpointed < arch.layers:
+        candidates.append(Peak(saved, layer_working_bytes(arch, work, False), one, "layer"))
+    candidates.append(Peak(saved, loss_working_bytes(arch, work), one, "loss"))
+    candidates.append(Peak(saved, reference_forward_bytes(arch, work), one, "reference"))
+    return max(candidates, key=lambda p: p.total)  # the first of equals: a layer's before the loss's
+
+
 def activation_bytes(arch: Architecture, work: Workload, checkpointing: bool) -> float:
-    """Saved activations plus the largest working set on top of them (a layer's backward, the loss's, DPO's
-    reference forward)."""
-    return saved_activation_bytes(arch, work, checkpointing) + max(
-        layer_working_bytes(arch, work, checkpointing), loss_working_bytes(arch, work),
-        reference_forward_bytes(arch, work))
+    """Activations with every layer checkpointed or none, plus the largest working set on top of them."""
+    peak = backward_peak(arch, work, arch.layers if checkpointing else 0)
+    return peak.saved + peak.working
 
 
 def optimizer_bytes(work: Workload, sizes: list[int], param_bytes: int) -> tuple[float, float]:
@@ -227,17 +267,16 @@ def plan(arch: Architecture, work: Workload, config_origin: str = "") -> Plan:
     lora_dtype = "float32" if work.compute_dtype == "float16" else "bfloat16"
     lora_bytes = 4 if lora_dtype == "float32" else 2
     opt_inside, opt_paged = optimizer_bytes(work, sizes, lora_bytes)
-    ckpt = work.gradient_checkpointing
-    saved = saved_activation_bytes(arch, work, ckpt)
-    other = activation_bytes(arch, work, not ckpt)
-    layer, loss = layer_working_bytes(arch, work, ckpt), loss_working_bytes(arch, work)
-    ref = reference_forward_bytes(arch, work)
-    largest = max(i * o for i, o in arch.linears().values())
-    dequant = largest * d  # one dequantised weight while its matmul runs
+    ckpt = checkpointed_layers(arch, work)
+    peak = backward_peak(arch, work, ckpt)
+    other = activation_bytes(arch, work, not work.gradient_checkpointing)
+    layer = layer_working_bytes(arch, work, ckpt == arch.layers)
+    loss, ref = loss_working_bytes(arch, work), reference_forward_bytes(arch, work)
     # Gradients are freed after each optimizer step (set_to_none) and rebuilt during backward, so at the backward
     # peak they exist only when accumulation carries them over from the micro-batch before, or when graphed steps
     # add them into buffers that stay (fx.graphs).
     grads = n_lora * lora_bytes if work.gradient_accumulation > 1 or work.persistent_grads else 0.0
+    layers = "on" if ckpt == arch.layers else f"on for the first {ckpt} of {arch.layers} layers" if ckpt else "off"
     components = [
         Component("4-bit weights", packed, f"{work.quant_type}, {arch.layers} layers x 7 linears"),
         Component("quantisation constants", constants,
@@ -251,28 +290,32 @@ def plan(arch: Architecture, work: Workload, config_origin: str = "") -> Plan:
                      "fixed buffers of the CUDA-graphed steps" if grads else
                      "rebuilt during backward: not alive at the peak")),
         Component("optimizer states", opt_inside, work.optim + (" (states of small tensors)" if opt_paged else "")),
-        Component("activations", saved,
-                  f"kept for backward, {work.shape}, checkpointing "
-                  f"{'on' if ckpt else 'off'} (the other way, with its working set: {other / GIB:.2f} GiB)"),
-        Component("backward working set", layer if layer >= max(loss, ref) else 0.0,
-                  ("one layer recomputed, its gradient temporaries" if ckpt else "one layer's gradient temporaries")
-                  + ("" if layer >= loss else f" ({layer / GIB:.2f} GiB, below the loss's)")),
-        Component("logits and loss", loss if loss > layer and loss >= ref else 0.0,
+        Component("activations", peak.saved,
+                  f"kept for backward, {work.shape}, checkpointing {layers}"
+                  + (", the checkpointed layers' inputs left when their backward runs" if peak.recomputed
+                     and ckpt < arch.layers else "")
+                  + f" (the other way, with its working set: {other / GIB:.2f} GiB)"),
+        Component("backward working set", peak.working if peak.kind == "layer" else 0.0,
+                  ("one layer recomputed, its gradient temporaries" if peak.recomputed or ckpt == arch.layers
+                   else "one layer's gradient temporaries")
+                  + ("" if peak.kind == "layer" else f" ({layer / GIB:.2f} GiB, below the {peak.kind}'s)")),
+        Component("logits and loss", peak.working if peak.kind == "loss" else 0.0,
                   ("the trainer's full float32 logits" if work.full_logits else
                    "trl's fused LM head, 4096 x 32768 logit tiles")
-                  + ("" if loss > layer and loss >= ref else
-                     f" ({loss / GIB:.2f} GiB, freed before the layers' backward)")),
-        Component("dequantised weight", dequant, "one base weight in the compute dtype during its matmul"),
+                  + ("" if peak.kind == "loss" else f" ({loss / GIB:.2f} GiB, freed before the layers' backward)")),
+        Component("dequantised weight", peak.weights,
+                  "one layer's base weights, kept from its recompute for its backward (dequantize_once)"
+                  if peak.recomputed and work.dequantize_once else
+                  "one base weight in the compute dtype during its matmul"),
     ]
     if work.reference_forward:
-        components.insert(-1, Component("reference forward", ref if ref > max(layer, loss) else 0.0,
+        components.insert(-1, Component("reference forward", peak.working if peak.kind == "reference" else 0.0,
                                          "DPO's no-grad reference pass, adapter off, beside the policy's activations"
-                                         + ("" if ref > max(layer, loss)
+                                         + ("" if peak.kind == "reference"
                                             else f" ({ref / GIB:.2f} GiB, not at the peak)")))
     if work.reference_adapter:
         components.insert(4, Component("reference adapter", n_lora * 4, "a frozen float32 copy of the initial adapter"))
-    working = max(layer, loss, ref) + dequant
-    slack = SLACK_FIXED_GIB * GIB + SLACK_WORKING * working + SLACK_SAVED * saved
+    slack = SLACK_FIXED_GIB * GIB + SLACK_WORKING * (peak.working + peak.weights) + SLACK_SAVED * peak.saved
     components.append(Component("allocator slack", slack, "rounding and fragmentation (expandable segments)"))
     if opt_paged:
         components.append(Component("paged optimizer states", opt_paged,

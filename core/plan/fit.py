@@ -83,6 +83,17 @@ def auto_micro_batch(arch: Architecture, work: Workload, budget_bytes: float) ->
     return None
 
 
+def fewest_checkpointed_layers(arch: Architecture, work: Workload, limit: float) -> int | None:
+    """The fewest decoder layers to checkpoint (the first ones) for ``work``'s plan to stay within ``limit`` bytes:
+    every layer left out saves its recompute; None when not even checkpointing all of them fits."""
+    for layers in range(arch.layers + 1):
+        changed = replace(work, gradient_checkpointing=layers > 0,
+                          checkpointed_layers=None if layers == arch.layers else layers)
+        if plan(arch, changed).total <= limit:
+            return layers
+    return None
+
+
 def allocator_fraction(plan_: Plan, budget_bytes: float, device_total: float) -> float | None:
     """The share of the card PyTorch's allocator may take so that the process stays within the budget.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fx.plan.cost import checkpointed_layers
 from fx.plan.fit import Fitted, fmt_gib
 from fx.plan.gpus import GIB, GPUS
 
@@ -16,12 +17,15 @@ def render(fitted: Fitted):
     from rich.text import Text
 
     p, w = fitted.plan, fitted.plan.work
+    layers = checkpointed_layers(p.arch, w)
+    checkpointing = ("on" if layers == p.arch.layers else f"on for the first {layers} of {p.arch.layers} layers"
+                     if layers else "off")
     head = Text(f"model config: {p.config_origin}\n"
                 f"workload: {w.shape if w.micro_batch_tokens else 'micro-batch ' + w.shape} "
                 f"(accumulation {w.gradient_accumulation}), "
                 + ("a no-grad reference forward (adapter off), " if w.reference_forward else "") +
                 f"{w.quant_type} with {w.compute_dtype} compute, LoRA r={w.lora_r} on {', '.join(w.lora_targets)}, "
-                f"gradient checkpointing {'on' if w.gradient_checkpointing else 'off'}, {w.optim}"
+                f"gradient checkpointing {checkpointing}, {w.optim}"
                 + (f"\none rank of {w.ranks} GPUs, {RANKS[w.strategy]}" if w.ranks > 1 else ""))
     table = Table(title="estimated peak GPU memory" + (" of each rank" if w.ranks > 1 else ""))
     table.add_column("component")

@@ -59,6 +59,8 @@ class Workload:
     gradient_accumulation: int = 1
     micro_batch_tokens: int = 0             # a token budget per forward/backward (0: micro_batch rows of seq_len)
     persistent_grads: bool = False          # gradients live in fixed buffers between steps (CUDA-graphed steps)
+    checkpointed_layers: int | None = None  # with gradient_checkpointing: only the first N decoder layers (None: all)
+    dequantize_once: bool = False           # a checkpointed layer's recompute keeps its dequantised weights
     # preference training (DPO): sequences per row in one forward (trl concatenates chosen and rejected answers
     # into one batch of 2 x micro-batch), a no-grad reference forward of that batch after the policy's (the base
     # with the adapter off), and a frozen copy of the adapter as the reference (training from an SFT adapter)

@@ -40,8 +40,9 @@ def trainer_arguments(config_class, settings, session, **fields: Any):
         warmup_steps=s.warmup_ratio,  # a value below 1 is a ratio of the total steps
         weight_decay=s.weight_decay,
         max_grad_norm=s.max_grad_norm,
-        # bitsandbytes' paged and 8-bit optimizers need a GPU; under FSDP, torch's AdamW steps the sharded parameters
-        optim=s.optim if on_gpu and not sharded else "adamw_torch",
+        # bitsandbytes' paged and 8-bit optimizers need a GPU (and not FSDP's sharded parameters); torch's (fused too)
+        # run anywhere
+        optim=s.optim if (on_gpu and not sharded) or s.optim.startswith("adamw_torch") else "adamw_torch",
         bf16=on_gpu and dtype is torch.bfloat16,
         fp16=on_gpu and dtype is torch.float16,
         gradient_checkpointing=False,  # set on the model when it is loaded; the trainer must not change it

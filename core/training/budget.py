@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import replace
 
 from fx.config import apply_override, from_dict
 from fx.errors import UserError
@@ -14,6 +15,7 @@ from fx.plan.fit import (
     allocator_fraction,
     auto_micro_batch,
     batch_overrides,
+    fewest_checkpointed_layers,
     largest_token_budget,
     refusal,
 )
@@ -21,6 +23,10 @@ from fx.plan.gpus import GIB, GPUS, budget_gib
 from fx.plan.shapes import Architecture
 from fx.training.distributed import current, per_rank_workload
 from fx.training.distributed import problems as distributed_problems
+
+# gradient_checkpointing = "auto" plans within this share of the budget: the planner's largest error measured is 5.4%
+# (docs/memory.md), and what it does not count (a T4's SDPA masks, the CUDA graphs' pool) needs room too
+AUTO_CHECKPOINTING_SHARE = 0.9
 
 
 def plan_experiment(exp, budget: str | float | None = None, ranks: int | None = None,
@@ -89,31 +95,59 @@ def device_memory() -> float | None:
 
 def fit(exp, ranks: int | None = None, strategy: str | None = None) -> Fitted | None:
     """Plan a rank of ``exp`` against ``[budget]`` (per GPU; ``ranks`` and ``strategy`` as for
-    :func:`plan_experiment`): apply ``budget.auto``, or refuse (UserError, exit 2) a run that won't fit. Without a
-    budget a plan is only recorded: None when the experiment can't be planned (a method without a workload, a config
-    that can't be read yet), and the run goes on."""
+    :func:`plan_experiment`): apply ``budget.auto`` and ``gradient_checkpointing = "auto"``, or refuse (UserError,
+    exit 2) a run that won't fit. Without a budget a plan is only recorded: None when the experiment can't be
+    planned (a method without a workload, a config that can't be read yet), and the run goes on."""
     if exp.budget.gib() is None:
         try:
             return plan_experiment(exp, ranks=ranks, strategy=strategy)
         except UserError:
             return None
     fitted = plan_experiment(exp, ranks=ranks, strategy=strategy)
-    work, arch = fitted.plan.work, fitted.plan.arch
     if exp.budget.auto:
-        chosen = auto_micro_batch(arch, work, fitted.budget_bytes)
-        if chosen is not None:
-            changes = []
-            if chosen.micro_batch != work.micro_batch:
-                changes = batch_overrides(chosen)
-            raw = copy.deepcopy(exp.raw)
-            for assignment in changes:
-                apply_override(raw, assignment)
-            new_exp = from_dict(raw, exp.path, exp.base_dir) if changes else exp
-            return Fitted(new_exp, plan(arch, chosen, fitted.plan.config_origin), fitted.budget_bytes,
-                          fitted.budget_label, changes)
+        fitted = _auto_micro_batch(fitted)
+    fitted = auto_checkpointing(fitted)
     if fitted.fits or not exp.budget.refuse:
         return fitted
     raise UserError(refusal(exp.path, fitted))
+
+
+def _refitted(fitted: Fitted, work, changes: list[str]) -> Fitted:
+    """``fitted`` with its experiment changed by ``changes`` (--set assignments) and planned as ``work``."""
+    exp = fitted.exp
+    raw = copy.deepcopy(exp.raw)
+    for assignment in changes:
+        apply_override(raw, assignment)
+    new_exp = from_dict(raw, exp.path, exp.base_dir) if changes else exp
+    return Fitted(new_exp, plan(fitted.plan.arch, work, fitted.plan.config_origin), fitted.budget_bytes,
+                  fitted.budget_label, fitted.changes + changes)
+
+
+def _auto_micro_batch(fitted: Fitted) -> Fitted:
+    """``budget.auto``: the largest micro-batch that fits, the effective batch kept."""
+    work = fitted.plan.work
+    chosen = auto_micro_batch(fitted.plan.arch, work, fitted.budget_bytes)
+    if chosen is None:
+        return fitted
+    changes = batch_overrides(chosen) if chosen.micro_batch != work.micro_batch else []
+    return _refitted(fitted, chosen, changes)
+
+
+def auto_checkpointing(fitted: Fitted) -> Fitted:
+    """``gradient_checkpointing = "auto"`` under a budget: the fewest layers checkpointed whose plan stays within
+    AUTO_CHECKPOINTING_SHARE of it (all of them when none fits), written into the experiment as the number of
+    layers, so that the run directory records what ran and a resumed run checkpoints the same layers. Without a
+    budget, or another setting, ``fitted`` as it is ("auto" then checkpoints every layer)."""
+    if fitted.budget_bytes is None or getattr(fitted.exp.method.settings, "gradient_checkpointing", None) != "auto":
+        return fitted
+    arch, work = fitted.plan.arch, fitted.plan.work
+    layers = fewest_checkpointed_layers(arch, work, fitted.budget_bytes * AUTO_CHECKPOINTING_SHARE)
+    layers = arch.layers if layers is None else layers
+    value = "true" if layers == arch.layers else "false" if layers == 0 else str(layers)
+    chosen = replace(work, gradient_checkpointing=layers > 0,
+                     checkpointed_layers=None if layers == arch.layers else layers)
+    return _refitted(fitted, chosen, [f"{work.keys.get('gradient_checkpointing', 'method.gradient_checkpointing')}"
+                                      f"={value}"])
 
 
 def use_expandable_segments() -> None:

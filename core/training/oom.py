@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fx.errors import TrainingFailed
+from fx.plan.cost import checkpointed_layers
 from fx.training.budget import token_budget_within
 from fx.training.checkpoints import last_checkpoint
 from fx.training.contract import Progress
@@ -30,6 +31,9 @@ def failure(progress: Progress, fitted, cap: float | None, checkpoints: Path, re
         advice = (f"The plan fits no smaller pass here: resume with checkpointing on or more memory ({resume} "
                   f"--set method.gradient_checkpointing=true, or --set budget.vram_gib=<GiB>), or shorten "
                   "data.max_length in a new run")
+    if fitted and 0 < checkpointed_layers(fitted.plan.arch, fitted.plan.work) < fitted.plan.arch.layers:
+        # gradient_checkpointing = "auto" (or a count) left layers out: checkpointing all of them costs only speed
+        advice += f"; or checkpoint every layer: {resume} --set method.gradient_checkpointing=true"
     peak = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0
     world = current()
     where = f" on rank {world.rank} (GPU {world.local_rank}) of {world.size}" if world.size > 1 else ""

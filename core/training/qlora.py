@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from fx.training.arguments import trainer_arguments
+from fx.training.checkpointing import decoder_layers, enable_checkpointing, layer_count
 from fx.training.devices import compute_dtype, device, dtype_name
 from fx.training.distributed import current
 from fx.training.kernels import apply_liger, choose_attention, compile_layers
+from fx.training.lora4bit import apply_levers
 from fx.training.method import Method, Session
 from fx.training.settings import QLoraSettings
 
@@ -43,8 +45,9 @@ class QLoraMethod(Method):
                                   bnb_4bit_use_double_quant=s.double_quant, bnb_4bit_compute_dtype=dtype, **storage)
 
     def load_base(self, source):
-        """The 4-bit base model with the configured kernels and gradient checkpointing, on this rank's GPU (under
-        FSDP on the CPU, from where FSDP moves each layer's shard to the GPU: the whole model need not fit one)."""
+        """The 4-bit base model with the configured kernels and gradient checkpointing (of the first N layers), on this
+        rank's GPU (under FSDP on the CPU, from where FSDP moves each layer's shard to the GPU: the whole model need not
+        fit one)."""
         s = self.settings
         world = current()
         place = "cpu" if device() != "cuda" or world.strategy == "fsdp" else world.local_rank
@@ -54,9 +57,7 @@ class QLoraMethod(Method):
         apply_liger(model, False if s.compile else s.liger)
         choose_attention(model, s.attention, getattr(s, "padding_free", False))
         model.config.use_cache = False
-        if s.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
+        enable_checkpointing(model, layer_count(s.gradient_checkpointing, len(decoder_layers(model))))
         return model
 
     def attach(self, model):
@@ -69,9 +70,16 @@ class QLoraMethod(Method):
                                                 task_type="CAUSAL_LM"))
 
     def load(self, source, tokenizer):
-        model = self.attach(self.load_base(source))
-        if self.settings.compile:
+        return self.prepare_training(self.attach(self.load_base(source)))
+
+    def prepare_training(self, model):
+        """The levers that change a trainable model's modules: regional torch.compile, or else fx's 4-bit LoRA
+        linears (fx.training.lora4bit: dequantise once per layer and step, the fused LoRA path)."""
+        s = self.settings
+        if s.compile:
             compile_layers(model)
+        else:
+            apply_levers(model, s.dequantize_once, s.fused_lora)
         return model
 
     def save(self, model, folder: Path) -> None:
@@ -111,8 +119,11 @@ class QLoraMethod(Method):
             dtype = "bfloat16" if bf16 else "float16"
         targets = (s.lora.target_modules,) if isinstance(s.lora.target_modules, str) else tuple(s.lora.target_modules)
         packed = getattr(s, "padding_free", False)
+        gc = s.gradient_checkpointing
+        layers = gc if isinstance(gc, int) and not isinstance(gc, bool) else None  # the first N; None: all or none
         fields: dict[str, Any] = dict(
-            micro_batch=s.micro_batch_size, seq_len=max_length, gradient_checkpointing=s.gradient_checkpointing,
+            micro_batch=s.micro_batch_size, seq_len=max_length, gradient_checkpointing=gc is not False and gc != 0,
+            checkpointed_layers=layers, dequantize_once=s.dequantize_once and not s.compile,
             lora_r=s.lora.r, lora_targets=targets, lora_dropout=s.lora.dropout, compute_dtype=dtype,
             quant_type=s.quant_type, double_quant=s.double_quant, optim=s.optim,
             gradient_accumulation=s.gradient_accumulation_steps,

@@ -4,7 +4,7 @@ computes (``fx bench --compare`` compares across it and ``fx run --resume --set`
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -45,8 +45,12 @@ class QLoraSettings(Settings):
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.001, ge=0, le=1)
     max_grad_norm: float = Field(0.3, gt=0, le=1e6)
-    optim: Literal["adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_bnb_8bit"] = "paged_adamw_32bit"
-    gradient_checkpointing: bool = execution(True)
+    # adamw_torch_fused: torch's AdamW in one fused kernel per step, its states in the allocator (no paging)
+    optim: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", "paged_adamw_8bit",
+                   "adamw_bnb_8bit"] = "paged_adamw_32bit"
+    # recompute decoder layers in backward instead of keeping their activations: all (true), none (false), the
+    # first N layers, or "auto": the fewest that keep the plan within the [budget] (all without a budget)
+    gradient_checkpointing: bool | Literal["auto"] | Annotated[int, Field(ge=0, le=100_000)] = execution("auto")
     group_by_length: bool = False  # batch rows of similar length: less padding (the tutorial's choice)
     logging_steps: int = execution(1, ge=1, le=10**6)
     # kernels (docs/performance.md), each measured on its own
@@ -54,6 +58,10 @@ class QLoraSettings(Settings):
     # auto: varlen for padding-free rows where it exists
     attention: Literal["auto", "sdpa", "varlen"] = execution("auto")
     compile: bool = execution(False)  # torch.compile each decoder layer (CUDA only; ~1.5 min to compile)
+    # a checkpointed layer's recompute keeps its dequantised 4-bit weights for its backward (fx.training.lora4bit)
+    dequantize_once: bool = execution(True)
+    # each 4-bit LoRA linear's base matmul and adapter in one autograd function (fx.training.lora4bit)
+    fused_lora: bool = execution(True)
 
 
 class TokenBudgetSettings(Settings):

@@ -19,7 +19,6 @@ from pydantic import Field, model_validator
 import fx
 from fx.data.tokenize import tokenize_preferences
 from fx.evaluation import preference_metrics, task_metric
-from fx.training.kernels import compile_layers
 
 # DPOTrainer's loss types in trl 1.16 (DPOConfig.loss_type; DPOTrainer._compute_loss refuses any other)
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -97,9 +96,7 @@ class DPO(fx.QLoraMethod):
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(self.load_base(source), folder, is_trainable=True)
-        if self.settings.compile:
-            compile_layers(model)
-        return model
+        return self.prepare_training(model)
 
     def reference(self, model):
         """A context in which ``model`` computes as DPO's reference: the ``ref`` adapter where trl made one (training
