@@ -45,6 +45,7 @@ class Method(ABC):
 
     description = ""
     preference = False  # True: trains on preference rows (Example.chosen / Example.rejected)
+    unpaired = False  # True: trains on unpaired rows (Example.completion / Example.label)
 
     class Settings(settings.Settings):
         pass
