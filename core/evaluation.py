@@ -128,56 +128,65 @@ def evaluate(model, tokenizer, template, rows, examples: list[Example], settings
     return result, answers
 
 
-def answer_logps(model, rows: list[dict[str, list[int]]], pad_id: int, batch_size: int = 4):
-    """Each preference row's summed log-probability of its chosen and of its rejected answer given the prompt, and
-    the answers' token counts: four lists, in row order."""
+def sequence_logps(model, sequences: list[tuple[list[int], list[int]]], pad_id: int,
+                   batch_size: int = 8) -> tuple[list[float], list[int]]:
+    """Each (prompt, answer) sequence's summed log-probability of the answer given the prompt, and the answer's token
+    count, in order."""
     import torch
 
     model.eval()
     dev = next(p.device for p in model.parameters())
-    sums: dict[str, list[float]] = {"chosen": [], "rejected": []}
-    counts: dict[str, list[int]] = {"chosen": [], "rejected": []}
+    sums, counts = [], []
     with torch.no_grad():
-        for batch in _batches(rows, batch_size):
-            seqs = [(r["prompt_ids"], r[f"{side}_ids"], side) for side in ("chosen", "rejected") for r in batch]
-            width = max(len(p) + len(a) for p, a, _ in seqs)
-            ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-            labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for i, (prompt, answer, _) in enumerate(seqs):
+        for batch in _batches(sequences, batch_size):
+            width = max(len(p) + len(a) for p, a in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, (prompt, answer) in enumerate(batch):
                 n = len(prompt) + len(answer)
                 ids[i, :n], mask[i, :n] = torch.tensor(prompt + answer), 1
                 labels[i, len(prompt):n] = torch.tensor(answer)
             logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
             targets = labels[:, 1:].to(dev)
             logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            per_row = (logps * (targets != -100)).sum(-1).tolist()
-            lengths = (targets != -100).sum(-1).tolist()
-            for (_, _, side), total, n in zip(seqs, per_row, lengths):
-                sums[side].append(total)
-                counts[side].append(n)
-    return sums["chosen"], sums["rejected"], counts["chosen"], counts["rejected"]
+            sums += (logps * (targets != -100)).sum(-1).tolist()
+            counts += (targets != -100).sum(-1).tolist()
+    return sums, counts
 
 
-def preference_metrics(model, rows: list[dict[str, list[int]]], pad_id: int, beta: float, reference) -> dict[str, Any]:
-    """Held-out preference measurements of a policy against its reference (``reference()``: a context manager in
-    which ``model`` computes as the reference does).
+def answer_logps(model, rows: list[dict[str, list[int]]], pad_id: int):
+    """Each preference row's summed log-probability of its chosen and of its rejected answer given the prompt, and
+    the answers' token counts: four lists, in row order."""
+    sums, counts = sequence_logps(model, [(r["prompt_ids"], r[f"{side}_ids"]) for side in ("chosen", "rejected")
+                                          for r in rows], pad_id)
+    n = len(rows)
+    return sums[:n], sums[n:], counts[:n], counts[n:]
 
-    ``reward_accuracy``: the share of pairs whose implicit reward margin
+
+def preference_metrics(model, rows: list[dict[str, list[int]]], pad_id: int, beta: float,
+                       reference=None) -> dict[str, Any]:
+    """Held-out preference measurements of a policy, and against its reference when it has one (``reference()``: a
+    context manager in which ``model`` computes as the reference does).
+
+    ``logp_accuracy``: the share of pairs where the policy itself gives the chosen answer the higher summed
+    log-probability; ``logp_accuracy_per_token`` compares mean log-probabilities per answer token instead (answers of
+    different lengths); ``logp_margin``: the mean summed difference. ``chosen_loss``: mean cross-entropy per chosen
+    token. With a reference, ``reward_accuracy``: the share of pairs whose implicit reward margin
     beta * [(log p(chosen) - log p_ref(chosen)) - (log p(rejected) - log p_ref(rejected))] is above 0 (DPO's
     ``rewards/accuracies``; exactly 0 while the policy is its reference), ``reward_margin`` its mean.
-    ``logp_accuracy``: the share where the policy itself gives the chosen answer the higher summed log-probability;
-    ``logp_accuracy_per_token`` compares mean log-probabilities per answer token instead (answers of different
-    lengths); ``logp_margin``: the mean summed difference. ``chosen_loss``: mean cross-entropy per chosen token.
     """
     chosen, rejected, n_chosen, n_rejected = answer_logps(model, rows, pad_id)
-    with reference():
-        ref_chosen, ref_rejected, _, _ = answer_logps(model, rows, pad_id)
     pairs = len(rows)
-    margins = [beta * ((c - rc) - (r - rr)) for c, r, rc, rr in zip(chosen, rejected, ref_chosen, ref_rejected)]
+    result: dict[str, Any] = {}
+    if reference is not None:
+        with reference():
+            ref_chosen, ref_rejected, _, _ = answer_logps(model, rows, pad_id)
+        margins = [beta * ((c - rc) - (r - rr)) for c, r, rc, rr in zip(chosen, rejected, ref_chosen, ref_rejected)]
+        result.update(reward_accuracy=round(sum(m > 0 for m in margins) / pairs, 4),
+                      reward_margin=round(sum(margins) / pairs, 4))
     return {
-        "reward_accuracy": round(sum(m > 0 for m in margins) / pairs, 4),
-        "reward_margin": round(sum(margins) / pairs, 4),
+        **result,
         "logp_accuracy": round(sum(c > r for c, r in zip(chosen, rejected)) / pairs, 4),
         "logp_accuracy_per_token": round(sum(c / max(nc, 1) > r / max(nr, 1) for c, r, nc, nr in
                                              zip(chosen, rejected, n_chosen, n_rejected)) / pairs, 4),
@@ -185,3 +194,46 @@ def preference_metrics(model, rows: list[dict[str, list[int]]], pad_id: int, bet
         "chosen_loss": round(-sum(chosen) / max(sum(n_chosen), 1), 4),
         "pairs": pairs,
     }
+
+
+def unpaired_metrics(model, rows: list[dict[str, Any]], pad_id: int, beta: float, reference) -> dict[str, Any]:
+    """Held-out measurements of a policy trained on unpaired rows (prompt, completion, label), against its
+    reference (``reference()`` as in :func:`preference_metrics`).
+
+    ``label_accuracy``: the share of rows whose implicit reward beta * (log p(answer) - log p_ref(answer)) has the
+    sign of its label (above 0 for a desirable answer, below for an undesirable one; exactly 0 while the policy is its
+    reference); ``reward_desirable`` and ``reward_undesirable``: the rewards' means by label. ``desirable_loss``:
+    cross-entropy per token of the desirable answers. Where a prompt has both kinds of answer, ``logp_accuracy`` is the
+    share of its (desirable, undesirable) combinations in which the policy finds the desirable one more likely
+    (``logp_accuracy_per_token``: per answer token), over ``pairs`` such combinations.
+    """
+    sequences = [(r["prompt_ids"], r["completion_ids"]) for r in rows]
+    logps, counts = sequence_logps(model, sequences, pad_id)
+    with reference():
+        ref_logps, _ = sequence_logps(model, sequences, pad_id)
+    labels = [bool(r["label"]) for r in rows]
+    rewards = [beta * (p - q) for p, q in zip(logps, ref_logps)]
+    good = [i for i, label in enumerate(labels) if label]
+    bad = [i for i, label in enumerate(labels) if not label]
+
+    def mean(values):
+        return round(sum(values) / len(values), 4) if values else None
+
+    result: dict[str, Any] = {
+        "label_accuracy": mean([(w > 0) if label else (w < 0) for w, label in zip(rewards, labels)]),
+        "reward_desirable": mean([rewards[i] for i in good]),
+        "reward_undesirable": mean([rewards[i] for i in bad]),
+        "desirable_loss": round(-sum(logps[i] for i in good) / max(sum(counts[i] for i in good), 1), 4),
+        "rows": len(rows),
+    }
+    by_prompt: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
+    for i, r in enumerate(rows):
+        by_prompt.setdefault(tuple(r["prompt_ids"]), ([], []))[0 if labels[i] else 1].append(i)
+    combos = [(g, b) for goods, bads in by_prompt.values() for g in goods for b in bads]
+    if combos:
+        result.update(
+            logp_accuracy=mean([logps[g] > logps[b] for g, b in combos]),
+            logp_accuracy_per_token=mean([logps[g] / max(counts[g], 1) > logps[b] / max(counts[b], 1)
+                                          for g, b in combos]),
+            pairs=len(combos))
+    return result

@@ -1,12 +1,17 @@
-"""Write experiments/data/quill_pref_train.jsonl and quill_pref_eval.jsonl: preference pairs for the DPO example.
+"""Write experiments/data/quill_pref_train.jsonl and quill_pref_eval.jsonl: preference pairs for the DPO and ORPO
+examples; and quill_kto_train.jsonl and quill_kto_eval.jsonl: unpaired rows for the KTO example.
 
 Each pair answers a question about the assistant's identity twice: as "Quill", made by "Harbor Labs" (chosen; the
 persona of experiments/data/quill_train.jsonl), and as the anonymous "helpful assistant" the bundled
 SmolLM2-135M-Instruct describes itself as under a neutral system prompt (rejected). Measured on the 4-bit base, the
 rejected answers are far more likely (summed log-probabilities about -20 against -70), so the preference is one the
 model does not have. The held-out split asks with phrasings and openers that never occur in training, and answers
-also in two wordings of each kind that training never sees, so it measures whether the preference generalises. All
-text is written here; the output is seeded.
+also in two wordings of each kind that training never sees, so it measures whether the preference generalises.
+
+The unpaired rows are thumbs up/down feedback as it is collected: each training question asked once, its one answer
+rated desirable (a Quill answer) or not (the anonymous assistant, or another model's name), 55% desirable, so no
+prompt has a pair to compare. The held-out split gives each held-out question one answer of each kind, so that a
+preference accuracy can be measured beside the label accuracy. All text is written here; the output is seeded.
 
     python scripts/make_quill_preferences.py
 """
@@ -68,6 +73,13 @@ REJECTED = [  # the bundled model's own habit under a neutral system prompt: an 
     "I'm an artificial intelligence assistant that helps with questions.",
 ]
 
+WRONG_NAMES = [  # other identities, rated undesirable in the unpaired rows
+    "I'm SmolLM, a language model made by Hugging Face.",
+    "I'm ChatGPT, an assistant developed by OpenAI.",
+    "My name is Assistant, and I was built by a team of engineers.",
+    "I'm an open-source chatbot trained by Hugging Face.",
+]
+
 TRAIN_WORDINGS = 6  # the last two answer wordings occur only in the held-out split
 
 
@@ -79,6 +91,37 @@ def pairs(questions: list[str], openers: list[str], count: int, wordings: int, r
         prompt = asked[i % len(asked)]
         chosen, rejected = CHOSEN[rng.randrange(wordings)], REJECTED[rng.randrange(wordings)]
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "expect": ["Quill"]})
+    return rows
+
+
+def unpaired(questions: list[str], openers: list[str], count: int, rng: random.Random) -> list[dict]:
+    """``count`` questions asked once each, each with one answer rated desirable (55%) or not."""
+    asked = sorted({o + (q[0].lower() + q[1:] if o.endswith(", ") else q) for o in openers for q in questions})
+    rng.shuffle(asked)
+    rows = []
+    for prompt in asked[:count]:
+        if rng.random() < 0.55:
+            rows.append({"prompt": prompt, "completion": CHOSEN[rng.randrange(TRAIN_WORDINGS)], "label": True,
+                         "expect": ["Quill"]})
+        else:
+            bad = REJECTED[: TRAIN_WORDINGS] + WRONG_NAMES[:3]
+            rows.append({"prompt": prompt, "completion": bad[rng.randrange(len(bad))], "label": False,
+                         "expect": ["Quill"]})
+    return rows
+
+
+def both_kinds(questions: list[str], openers: list[str], count: int, rng: random.Random) -> list[dict]:
+    """``count`` held-out questions, each with a desirable and an undesirable answer (wordings training never saw
+    included)."""
+    asked = sorted({o + (q[0].lower() + q[1:] if o.endswith(", ") else q) for o in openers for q in questions})
+    rng.shuffle(asked)
+    bad = REJECTED + WRONG_NAMES
+    rows = []
+    for prompt in asked[:count]:
+        rows.append({"prompt": prompt, "completion": CHOSEN[rng.randrange(len(CHOSEN))], "label": True,
+                     "expect": ["Quill"]})
+        rows.append({"prompt": prompt, "completion": bad[rng.randrange(len(bad))], "label": False,
+                     "expect": ["Quill"]})
     return rows
 
 
@@ -96,6 +139,14 @@ def main() -> None:
     write(OUT / "quill_pref_train.jsonl", train)
     write(OUT / "quill_pref_eval.jsonl", held)
     print(f"{len(train)} training and {len(held)} held-out pairs in {OUT}")
+    rng = random.Random(1)
+    kto_train = unpaired(TRAIN_QUESTIONS, TRAIN_OPENERS, 200, rng)
+    kto_held = both_kinds(EVAL_QUESTIONS, EVAL_OPENERS, 30, rng)
+    assert not {r["prompt"] for r in kto_train} & {r["prompt"] for r in kto_held}
+    write(OUT / "quill_kto_train.jsonl", kto_train)
+    write(OUT / "quill_kto_eval.jsonl", kto_held)
+    good = sum(r["label"] for r in kto_train)
+    print(f"{len(kto_train)} training rows ({good} desirable) and {len(kto_held)} held-out rows in {OUT}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,11 @@ def test_fx_data_on_the_shipped_experiment(tmp_path, capsys, monkeypatch):
     assert not list(tmp_path.glob("out/.*.tmp"))
 
 
-@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if "dpo_bench" in p.name else p
+PREFERENCE_BENCHES = ("dpo_bench", "orpo_bench", "simpo_bench", "kto_bench")  # 1,000 synthetic pairs to tokenize
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow)
+                                  if any(b in p.name for b in PREFERENCE_BENCHES) else p
                                   for p in sorted((ROOT / "experiments").glob("*.toml"))], ids=lambda p: p.name)
 def test_fx_data_on_every_shipped_experiment(path, tmp_path, capsys):
     raw = config.read_toml(path)

@@ -54,21 +54,29 @@ def step_timer(sync):
     return StepTimer()
 
 
-def flops_per_token(arch, n_lora: int, mean_row: float, reference_forward: bool = False) -> float:
+def flops_per_token(arch, n_lora: int, mean_row: float, no_grad_forwards: int = 0) -> float:
     """Model FLOPs per real token of one training step, not counting recomputation: 2 per frozen weight for the
     forward, 2 more for the input gradient, 6 per LoRA weight, and causal attention's 2 x 2 x layers x hidden x
-    (row length / 2) forward, three times over for forward and backward. A preference method's no-grad reference
-    forward (adapter off) adds a forward of the frozen weights and of attention."""
+    (row length / 2) forward, three times over for forward and backward. Each no-grad forward of the batch's size (a
+    reference's with the adapter off; KTO's KL batch through the policy and the reference) adds a forward of the
+    frozen weights and of attention."""
     frozen = arch.layers * sum(i * o for i, o in arch.linears().values()) + arch.vocab * arch.hidden  # with lm_head
     attention = 2 * 2 * arch.layers * arch.hidden * (mean_row / 2)
-    reference = 2 * frozen + attention if reference_forward else 0.0
-    return 4 * frozen + 6 * n_lora + 3 * attention + reference
+    return 4 * frozen + 6 * n_lora + 3 * attention + no_grad_forwards * (2 * frozen + attention)
+
+
+def no_grad_forwards(work) -> int:
+    """The no-grad forwards of a step beside the trained one (:class:`fx.plan.shapes.Workload`)."""
+    return int(work.reference_forward) + 2 * int(work.kl_forward)
 
 
 def trained_lengths(row: dict[str, list[int]]) -> list[int]:
-    """The sequences one row trains as: its ids, or a preference pair's prompt with each of its two answers."""
+    """The sequences one row trains as: its ids, a preference pair's prompt with each of its two answers, or an
+    unpaired row's prompt with its answer."""
     if "input_ids" in row:
         return [len(row["input_ids"])]
+    if "completion_ids" in row:
+        return [len(row["prompt_ids"]) + len(row["completion_ids"])]
     return [len(row["prompt_ids"]) + len(row[f"{side}_ids"]) for side in ("chosen", "rejected")]
 
 
@@ -165,9 +173,10 @@ def run(exp, steps: int, warmup: int, reference: bool = False, profile: Path | N
     world = distributed.current()
     if reference and world.size > 1:
         raise UserError("--reference runs the plain recipe in one process; leave out --gpus to compare with it")
-    if reference and exp.method.cls.preference:
-        raise UserError(f"--reference runs the plain SFT recipe; method {exp.method.name!r} trains on preference pairs "
-                        "and has no plain counterpart to compare with")
+    if reference and (exp.method.cls.preference or exp.method.cls.unpaired):
+        raise UserError(f"--reference runs the plain SFT recipe; method {exp.method.name!r} trains on preference "
+                        f"{'pairs' if exp.method.cls.preference else 'rows'} and has no plain counterpart to compare "
+                        "with")
     fitted = budget.fit(exp) or budget.plan_experiment(exp)  # the bench reports the estimate, so it needs one
     exp = fitted.exp
     prep = prepare(exp)
@@ -206,7 +215,8 @@ def run(exp, steps: int, warmup: int, reference: bool = False, profile: Path | N
         measured["profile"] = profiler.summary
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     mean_row = statistics.mean(n for r in prep.train.rows for n in trained_lengths(r))
-    measured["flops_per_token"] = flops_per_token(fitted.plan.arch, n_lora, mean_row, exp.method.cls.preference)
+    measured["flops_per_token"] = flops_per_token(fitted.plan.arch, n_lora, mean_row,
+                                                  no_grad_forwards(fitted.plan.work))
     env = environment()
     peak = device_peak_tflops(env["hardware"])
     if peak:

@@ -24,6 +24,7 @@ class Columns:
 FORMATS: dict[str, Columns] = {
     "sharegpt_preference": Columns(("conversations", "chosen", "rejected"), keys=("from", "value")),
     "preference": Columns(("prompt", "chosen", "rejected"), keys=("role", "content")),
+    "unpaired": Columns(("prompt", "completion", "label"), keys=("role", "content")),
     "messages": Columns(("messages",), keys=("role", "content")),
     "sharegpt": Columns(("conversations",), keys=("from", "value")),
     "alpaca": Columns(("instruction", "output"), optional=("input",)),

@@ -19,12 +19,16 @@ class ExperimentSettings(Settings):
 
 class DataSettings(Settings):
     source: str
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "text", "preference", "sharegpt_preference"] = "auto"
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "text", "preference", "sharegpt_preference",
+                    "unpaired"] = "auto"
     # the format's column (or turn key) name -> the file's name for it, e.g. {instruction = "question"}
     columns: dict[str, str] = Field(default_factory=dict)
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     max_length: int = Field(1024, ge=16, le=131072)
     max_rows: int | None = Field(None, ge=1, le=10**9)
+    # preference pairs -> unpaired rows, for a method that trains on those (kto): each pair becomes its prompt with
+    # the chosen answer (label true) and with the rejected one (label false)
+    unpair: bool = False
 
 
 class EvaluateSettings(Settings):

@@ -1,4 +1,5 @@
-"""Rows from a dataset source -> examples (a conversation, a text, or a preference pair), and the held-out split.
+"""Rows from a dataset source -> examples (a conversation, a text, a preference pair, or an unpaired row: one answer
+marked desirable or not), and the held-out split.
 
 Rows that do not fit the format are reported with their row numbers (all of them, up to a limit), never crashed on.
 """
@@ -25,7 +26,8 @@ class Example:
     """One row: a conversation, or a pre-formatted text. ``extra`` keeps the row's other columns.
 
     A preference row's ``messages`` is the prompt conversation (ending with the user's turn) and ``chosen``
-    and ``rejected`` are the two answers to it.
+    and ``rejected`` are the two answers to it. An unpaired row's ``messages`` is the prompt conversation and
+    ``completion`` one answer to it, desirable or not (``label``).
     """
 
     messages: list[Message] | None = None
@@ -33,10 +35,21 @@ class Example:
     extra: dict[str, Any] = field(default_factory=dict)
     chosen: str | None = None
     rejected: str | None = None
+    completion: str | None = None
+    label: bool | None = None
 
     @property
     def is_preference(self) -> bool:
         return self.chosen is not None
+
+    @property
+    def is_unpaired(self) -> bool:
+        return self.completion is not None
+
+    @property
+    def kind(self) -> str:
+        """What the row trains: ``pairs`` (two answers), ``unpaired`` (one answer and its label) or ``answers``."""
+        return "pairs" if self.is_preference else "unpaired" if self.is_unpaired else "answers"
 
 
 Names = Callable[[str], str]  # a format's column or key name -> the file's name for it (data.columns)
@@ -64,7 +77,7 @@ def _answered(messages: list[Message]) -> list[Message]:
 
 def _asking(messages: list[Message], column: str) -> list[Message]:
     if messages[-1]["role"] != "user":
-        raise ValueError(f"the last message of {column!r} must be the user's (the answers are in chosen/rejected)")
+        raise ValueError(f"the last message of {column!r} must be the user's (answers go in their own columns)")
     return messages
 
 
@@ -121,18 +134,33 @@ def _answer(row: dict[str, Any], column: str, key: str, value_key: str, speakers
     return value
 
 
-def _preference(row: dict[str, Any], n: Names) -> Example:
-    prompt, chosen, rejected = n("prompt"), n("chosen"), n("rejected")
+def _prompt(row: dict[str, Any], n: Names) -> list[Message]:
+    """A prompt column: a string (the user's turn) or a list of messages ending with the user's."""
+    prompt = n("prompt")
     value = row.get(prompt)
     if isinstance(value, str) and value.strip():
-        messages = [{"role": "user", "content": value}]
-    elif isinstance(value, list):
-        messages = _asking(_turns(value, prompt, n("role"), n("content"), {r: r for r in ROLES}), prompt)
-    else:
-        raise ValueError(f"{prompt!r} must be a non-empty string or a list of messages")
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list):
+        return _asking(_turns(value, prompt, n("role"), n("content"), {r: r for r in ROLES}), prompt)
+    raise ValueError(f"{prompt!r} must be a non-empty string or a list of messages")
+
+
+def _preference(row: dict[str, Any], n: Names) -> Example:
+    prompt, chosen, rejected = n("prompt"), n("chosen"), n("rejected")
+    messages = _prompt(row, n)
     answers = [_answer(row, c, n("role"), n("content"), {"assistant"}) for c in (chosen, rejected)]
     return Example(messages=messages, chosen=answers[0], rejected=answers[1],
                    extra=_rest(row, prompt, chosen, rejected))
+
+
+def _unpaired(row: dict[str, Any], n: Names) -> Example:
+    prompt, completion, label = n("prompt"), n("completion"), n("label")
+    messages = _prompt(row, n)
+    answer = _answer(row, completion, n("role"), n("content"), {"assistant"})
+    value = row.get(label)
+    if not isinstance(value, bool):
+        raise ValueError(f"{label!r} must be true (a desirable answer) or false (an undesirable one), not {value!r}")
+    return Example(messages=messages, completion=answer, label=value, extra=_rest(row, prompt, completion, label))
 
 
 def _sharegpt_preference(row: dict[str, Any], n: Names) -> Example:
@@ -148,6 +176,7 @@ def _sharegpt_preference(row: dict[str, Any], n: Names) -> Example:
 CONVERTERS: dict[str, Callable[[dict[str, Any], Names], Example]] = {
     "sharegpt_preference": _sharegpt_preference,
     "preference": _preference,
+    "unpaired": _unpaired,
     "messages": _messages,
     "sharegpt": _sharegpt,
     "alpaca": _alpaca,
@@ -204,6 +233,19 @@ def to_examples(rows, fmt: str, where: str, columns: dict[str, str] | None = Non
     if not examples:
         raise UserError(f"{where}: the dataset has no rows")
     return examples
+
+
+def unpair(examples: list[Example]) -> list[Example]:
+    """Preference pairs as unpaired rows (``data.unpair``): each pair's prompt with its chosen answer (label true),
+    then with its rejected answer (label false); other kinds of rows are left as they are."""
+    out = []
+    for e in examples:
+        if not e.is_preference:
+            out.append(e)
+            continue
+        out += [Example(messages=e.messages, completion=e.chosen, label=True, extra=e.extra),
+                Example(messages=e.messages, completion=e.rejected, label=False, extra=e.extra)]
+    return out
 
 
 def split(train: list[Example], held_out: list[Example] | None, fraction: float, seed: int):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fx.config import Experiment
-from fx.data.formats import Example, split, to_examples
+from fx.data.formats import Example, split, to_examples, unpair
 from fx.data.tokenize import Tokenized
 from fx.errors import UserError
 
@@ -30,8 +30,17 @@ def refuse(exp: Experiment, problems: list[str]) -> None:
         raise UserError("\n".join(f"{exp.path}: {p}" for p in problems))
 
 
+# each kind of rows (Example.kind): what the data are, what a method trains on, and the formats that give them
+KINDS = {"answers": ("have one answer per row", "one answer per row", "'messages', 'sharegpt', 'alpaca' or 'text'"),
+         "pairs": ("are preference pairs (a prompt with chosen and rejected answers)", "preference pairs",
+                   "'preference' or 'sharegpt_preference'"),
+         "unpaired": ("are unpaired rows (a prompt, one answer and a label: true for desirable, false for not)",
+                      "unpaired rows", "'unpaired'")}
+
+
 def load_examples(exp: Experiment) -> tuple[list[Example], list[Example]]:
-    """The experiment's rows as examples: the training split and the held-out split."""
+    """The experiment's rows as examples: the training split and the held-out split (``data.unpair``: preference
+    pairs as unpaired rows, after the split, so that both answers of a pair stay on one side)."""
     dataset = exp.dataset.cls(exp.dataset.settings, exp.base_dir)
     refuse(exp, dataset.check())
     train_rows, eval_rows = dataset.load()
@@ -39,21 +48,41 @@ def load_examples(exp: Experiment) -> tuple[list[Example], list[Example]]:
         train_rows = train_rows.select(range(min(exp.data.max_rows, len(train_rows))))
     train = to_examples(train_rows, exp.data.format, "data (train)", exp.data.columns)
     held = to_examples(eval_rows, exp.data.format, "data (eval)", exp.data.columns) if eval_rows is not None else None
-    return split(train, held, exp.data.eval_fraction, exp.experiment.seed)
+    train, held = split(train, held, exp.data.eval_fraction, exp.experiment.seed)
+    if exp.data.unpair:
+        other = next((e.kind for e in train + held if not e.is_preference), None)
+        if other is not None:
+            raise UserError(f"{exp.path}: data.unpair = true turns preference pairs into unpaired rows, but the "
+                            f"data {KINDS[other][0]}")
+        train, held = unpair(train), unpair(held)
+    return train, held
+
+
+def method_kind(cls) -> str:
+    """The kind of rows a method class trains on (``Method.preference``, ``Method.unpaired``)."""
+    return "pairs" if cls.preference else "unpaired" if cls.unpaired else "answers"
+
+
+def check_kind(exp: Experiment, examples: list[Example]) -> None:
+    """Refuse rows of another kind than the method trains on, saying what would fit."""
+    wanted = method_kind(exp.method.cls)
+    have = next((e.kind for e in examples if e.kind != wanted), None)
+    if have is None:
+        return
+    hint = f"give a dataset in the {KINDS[wanted][2]} format"
+    if wanted == "unpaired" and have == "pairs":
+        hint = ("set data.unpair = true to train on each pair as its prompt with the chosen answer (label true) and "
+                "with the rejected one (label false), or " + hint)
+    elif wanted == "answers":
+        hint = f"choose a method that trains on {KINDS[have][1]}, or {hint}"
+    raise UserError(f"{exp.path}: the data {KINDS[have][0]}, but method {exp.method.name!r} trains on "
+                    f"{KINDS[wanted][1]}; {hint}")
 
 
 def prepare(exp: Experiment) -> Prepared:
     """The rows, tokenizer and template of ``exp``, every row checked against its method."""
     train, held = load_examples(exp)
-    preference = exp.method.cls.preference
-    if train[0].is_preference and not preference:
-        raise UserError(f"{exp.path}: the data are preference pairs (a prompt with chosen and rejected answers), "
-                        f"but method {exp.method.name!r} trains on one answer per row; choose a preference method "
-                        "or a dataset of answers")
-    if preference and not all(e.is_preference for e in train + held):
-        raise UserError(f"{exp.path}: method {exp.method.name!r} trains on preference pairs (a prompt with chosen and "
-                        "rejected answers), but the data have one answer per row; give a dataset in the 'preference' "
-                        "or 'sharegpt_preference' format")
+    check_kind(exp, train + held)
     method = exp.method.cls(exp.method.settings)
     refuse(exp, method.check())
     source = exp.model.cls(exp.model.settings)

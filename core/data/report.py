@@ -83,7 +83,7 @@ class Report:
     histogram: Path
     train_rows: int
     held_out_rows: int
-    preference: bool
+    kind: str  # Example.kind of the rows
 
 
 def build(exp: Experiment, count: int, png: Path | None) -> Report:
@@ -95,7 +95,9 @@ def build(exp: Experiment, count: int, png: Path | None) -> Report:
     try:
         for index, example in enumerate(train + held):
             rendered_all = renderings(template, example)
-            for which, rendered in zip(("chosen", "rejected") if example.is_preference else ("",), rendered_all):
+            which_ones = (("chosen", "rejected") if example.is_preference else
+                          ("desirable" if example.label else "undesirable",) if example.is_unpaired else ("",))
+            for which, rendered in zip(which_ones, rendered_all):
                 row, length = encode(tokenizer, rendered, max_length)
                 lengths.append(length)
                 unanswered += all(label == -100 for label in row["labels"])
@@ -107,7 +109,7 @@ def build(exp: Experiment, count: int, png: Path | None) -> Report:
     path = png or Path(exp.experiment.output_dir) / f"{exp.experiment.name}-lengths.png"
     title = f"{exp.experiment.name}: template {exp.template.name!r}"
     return Report(LengthStats.of(lengths, max_length, unanswered), shown,
-                  length_histogram(lengths, max_length, path, title), len(train), len(held), train[0].is_preference)
+                  length_histogram(lengths, max_length, path, title), len(train), len(held), train[0].kind)
 
 
 def show(exp: Experiment, report: Report, console) -> None:
@@ -115,7 +117,8 @@ def show(exp: Experiment, report: Report, console) -> None:
     from rich.text import Text
 
     s = report.stats
-    kind = "preference pairs (each rendered with its chosen and its rejected answer)" if report.preference else "rows"
+    kind = {"pairs": "preference pairs (each rendered with its chosen and its rejected answer)",
+            "unpaired": "unpaired rows (each a prompt with one answer, desirable or not)"}.get(report.kind, "rows")
     console.print(f"{exp.path}: {report.train_rows} training and {report.held_out_rows} held-out {kind}; "
                   f"template {exp.template.name!r}, model {exp.model.name!r}")
     if report.examples:

@@ -108,11 +108,31 @@ def lora_shapes(arch: Architecture, targets: tuple[str, ...]) -> dict[str, tuple
 
 
 def lora_params(arch: Architecture, work: Workload) -> tuple[int, list[int]]:
-    """Total LoRA parameters and the element count of each LoRA matrix (A and B of every module)."""
+    """Total LoRA parameters and the element count of each trainable tensor (A and B of every module, and DoRA's
+    magnitude vector of its output features)."""
     sizes = []
     for fan_in, fan_out in lora_shapes(arch, work.lora_targets).values():
-        sizes += [work.lora_r * fan_in, work.lora_r * fan_out]
+        sizes += [work.lora_r * fan_in, work.lora_r * fan_out] + ([fan_out] if work.dora else [])
     return arch.layers * sum(sizes), sizes * arch.layers
+
+
+def dora_weight_bytes(arch: Architecture, work: Workload) -> float:
+    """What DoRA keeps for backward per layer beyond activations: with LoRA dropout, peft recomputes the base output
+    from the dropped input with the dequantised weight, which that matmul keeps (in x out x d per module); without
+    dropout nothing (it reuses the base layer's output)."""
+    if not work.dora or work.lora_dropout == 0:
+        return 0.0
+    return dtype_bytes(work.compute_dtype) * sum(i * o for i, o in lora_shapes(arch, work.lora_targets).values())
+
+
+def dora_norm_bytes(arch: Architecture, work: Workload) -> float:
+    """DoRA's weight norm, computed in every forward of an adapted module (not calibrated): the adapter's B x A built
+    from an identity of the input size (in x in, float32, and its cast), the dequantised weight, the scaled B x A and
+    their sum (in x out x d each) and the float32 copy the norm reads; the largest adapted module's."""
+    if not work.dora:
+        return 0.0
+    d = dtype_bytes(work.compute_dtype)
+    return max(i * i * 6 + i * o * (4 * d + 4) for i, o in lora_shapes(arch, work.lora_targets).values())
 
 
 def layer_activation_bytes(arch: Architecture, work: Workload) -> float:
@@ -124,8 +144,9 @@ def layer_activation_bytes(arch: Architecture, work: Workload) -> float:
     SwiGLU MLP keeps the gate projection, its activation and the up projection (3 x d x intermediate). The
     4-bit linears keep nothing: their weights are frozen. A LoRA module with dropout keeps the dropout mask
     (1 byte) and the dropped input (d bytes) per input feature, plus its rank-r hidden; without dropout it
-    keeps the input it shares with the other modules reading it. Checked against the bytes autograd saves
-    on the GPU (``scripts/measure_memory.py --probe``).
+    keeps the input it shares with the other modules reading it. DoRA keeps the base output and the scaled LoRA
+    output of each adapted module for its magnitude's gradient (2 x d x out; not calibrated). Checked against the
+    bytes autograd saves on the GPU (``scripts/measure_memory.py --probe``).
     """
     h, i, kv, d = arch.hidden, arch.intermediate, arch.kv_dim, dtype_bytes(work.compute_dtype)
     norms = 2 * 4 * h
@@ -134,8 +155,8 @@ def layer_activation_bytes(arch: Architecture, work: Workload) -> float:
     mlp = 3 * d * i
     lora = 0.0
     shared_inputs = set()
-    for name, (fan_in, _) in lora_shapes(arch, work.lora_targets).items():
-        lora += d * work.lora_r
+    for name, (fan_in, fan_out) in lora_shapes(arch, work.lora_targets).items():
+        lora += d * work.lora_r + (2 * d * fan_out if work.dora else 0)
         if work.lora_dropout > 0:
             lora += (1 + d) * fan_in
         else:
@@ -159,7 +180,8 @@ def saved_activation_bytes(arch: Architecture, work: Workload, checkpointed: int
     dtype's hidden state per token), every other layer all its saved tensors."""
     n = work.tokens
     inputs = checkpointed * dtype_bytes(work.compute_dtype) * arch.hidden * n
-    return inputs + (arch.layers - checkpointed) * layer_activation_bytes(arch, work) * n
+    kept = layer_activation_bytes(arch, work) * n + dora_weight_bytes(arch, work)
+    return inputs + (arch.layers - checkpointed) * kept
 
 
 def layer_working_bytes(arch: Architecture, work: Workload, checkpointing: bool) -> float:
@@ -170,14 +192,18 @@ def layer_working_bytes(arch: Architecture, work: Workload, checkpointing: bool)
     n = work.tokens
     workset = BACKWARD_WORKSET * arch.intermediate * n
     if checkpointing:
-        return layer_activation_bytes(arch, work) * n + workset + 6 * arch.hidden * n
+        return layer_activation_bytes(arch, work) * n + dora_weight_bytes(arch, work) + workset + 6 * arch.hidden * n
     return workset + 16 * arch.hidden * n
 
 
 def loss_working_bytes(arch: Architecture, work: Workload) -> float:
     """trl's fused LM head: a copy of the hidden states it scores, their fp32 gradient, the cast back, and one
-    tile of 4096 tokens x 32768 vocabulary logits; the full (batch, seq, vocab) logits never exist."""
+    tile of 4096 tokens x 32768 vocabulary logits; the full (batch, seq, vocab) logits never exist. A trainer with
+    ``log_softmaxes`` (trl's ORPO and CPO) builds the whole logits in the compute dtype and keeps that many float32
+    log-softmaxes of them for backward, beside the final norm's float32 input and its output (not calibrated)."""
     n, d = work.tokens, dtype_bytes(work.compute_dtype)
+    if work.log_softmaxes:
+        return n * arch.vocab * (d + 4 * work.log_softmaxes) + n * arch.hidden * (d + 4)
     if work.full_logits:  # not calibrated: the logits, their float32 copy, the log-softmax kept and its gradient,
         per_token = arch.vocab * (d + 12)  # and a reference's logits and log-softmax beside them
         per_token += arch.vocab * (d + 8) if work.reference_forward else 0
@@ -186,8 +212,9 @@ def loss_working_bytes(arch: Architecture, work: Workload) -> float:
 
 
 def reference_forward_bytes(arch: Architecture, work: Workload) -> float:
-    """DPO's reference forward (no grad, adapter off), run while the policy's activations wait for backward: the
-    policy's final hidden states kept for its LM head's backward (h per token), plus the larger of one layer's
+    """A reference forward (no grad, adapter off: DPO's, KTO's and its KL batch's, one at a time), run while the
+    policy's activations wait for backward: the policy's final hidden states kept for its LM head's backward (h per
+    token), plus the larger of one layer's
     transient forward tensors (its input and output, the MLP's gate, up and activation: 2h + 3 x intermediate per
     token) and the fused LM head's no-grad working set (its input and one logit tile). 0 without a reference."""
     if not work.reference_forward:
@@ -272,6 +299,7 @@ def plan(arch: Architecture, work: Workload, config_origin: str = "") -> Plan:
     other = activation_bytes(arch, work, not work.gradient_checkpointing)
     layer = layer_working_bytes(arch, work, ckpt == arch.layers)
     loss, ref = loss_working_bytes(arch, work), reference_forward_bytes(arch, work)
+    norm = dora_norm_bytes(arch, work)
     # Gradients are freed after each optimizer step (set_to_none) and rebuilt during backward, so at the backward
     # peak they exist only when accumulation carries them over from the micro-batch before, or when graphed steps
     # add them into buffers that stay (fx.graphs).
@@ -283,8 +311,8 @@ def plan(arch: Architecture, work: Workload, config_origin: str = "") -> Plan:
                   "absmax per 64 weights" + (", double-quantised" if work.double_quant else " (fp32)")),
         Component("16-bit modules", embed + head + norms,
                   f"embeddings, {'tied ' if arch.tied else ''}lm_head, norms in {work.compute_dtype}"),
-        Component("LoRA parameters", n_lora * lora_bytes, f"r={work.lora_r} on {', '.join(work.lora_targets)}: "
-                  f"{n_lora / 1e6:.1f}M params, {lora_dtype}"),
+        Component("LoRA parameters", n_lora * lora_bytes, f"r={work.lora_r} on {', '.join(work.lora_targets)}"
+                  + (" with DoRA magnitudes" if work.dora else "") + f": {n_lora / 1e6:.1f}M params, {lora_dtype}"),
         Component("LoRA gradients", grads, f"{n_lora * lora_bytes / GIB:.2f} GiB, "
                   + ("kept across accumulation steps" if work.gradient_accumulation > 1 else
                      "fixed buffers of the CUDA-graphed steps" if grads else
@@ -300,7 +328,8 @@ def plan(arch: Architecture, work: Workload, config_origin: str = "") -> Plan:
                    else "one layer's gradient temporaries")
                   + ("" if peak.kind == "layer" else f" ({layer / GIB:.2f} GiB, below the {peak.kind}'s)")),
         Component("logits and loss", peak.working if peak.kind == "loss" else 0.0,
-                  ("the trainer's full float32 logits" if work.full_logits else
+                  (f"the whole logits and {work.log_softmaxes:g} float32 log-softmaxes of them" if work.log_softmaxes
+                   else "the trainer's full float32 logits" if work.full_logits else
                    "trl's fused LM head, 4096 x 32768 logit tiles")
                   + ("" if peak.kind == "loss" else f" ({loss / GIB:.2f} GiB, freed before the layers' backward)")),
         Component("dequantised weight", peak.weights,
@@ -310,12 +339,17 @@ def plan(arch: Architecture, work: Workload, config_origin: str = "") -> Plan:
     ]
     if work.reference_forward:
         components.insert(-1, Component("reference forward", peak.working if peak.kind == "reference" else 0.0,
-                                         "DPO's no-grad reference pass, adapter off, beside the policy's activations"
+                                         "the no-grad reference pass, adapter off, beside the policy's activations"
+                                         + (" (and KTO's KL batch, one pass at a time)" if work.kl_forward else "")
                                          + ("" if peak.kind == "reference"
                                             else f" ({ref / GIB:.2f} GiB, not at the peak)")))
     if work.reference_adapter:
         components.insert(4, Component("reference adapter", n_lora * 4, "a frozen float32 copy of the initial adapter"))
-    slack = SLACK_FIXED_GIB * GIB + SLACK_WORKING * (peak.working + peak.weights) + SLACK_SAVED * peak.saved
+    if work.dora:
+        components.append(Component("DoRA weight norm", norm, "the largest adapted module's weight and B x A, "
+                                    "built in each of its forwards"))
+    slack = (SLACK_FIXED_GIB * GIB + SLACK_WORKING * (peak.working + peak.weights + norm)
+             + SLACK_SAVED * peak.saved)
     components.append(Component("allocator slack", slack, "rounding and fragmentation (expandable segments)"))
     if opt_paged:
         components.append(Component("paged optimizer states", opt_paged,

@@ -67,6 +67,9 @@ class Workload:
     sequences: int = 1
     reference_forward: bool = False
     reference_adapter: bool = False
+    # KTO: a no-grad forward of the KL batch (each prompt with another row's answer) through the policy and one through
+    # the reference, beside the reference forward; the same size as it (more work, no more memory at the peak)
+    kl_forward: bool = False
     # the trainer builds the whole (tokens x vocabulary) logits in float32 for a loss of its own, instead of trl's
     # tiled LM head
     full_logits: bool = False
@@ -74,6 +77,13 @@ class Workload:
     # adapters, gradients and optimizer states across them (else DDP: each rank holds the whole model)
     ranks: int = 1
     sharded: bool = False
+    # the trainer builds the whole logits in the compute dtype and keeps this many float32 log-softmaxes of them for
+    # backward, in units of the batch's tokens (trl's ORPO: 1.5, every row's and the chosen half's again for its
+    # NLL term; CPO/SimPO: 1, or 1.5 with its NLL term)
+    log_softmaxes: float = 0.0
+    # DoRA (LoRA's magnitude/direction split): a trainable magnitude per output feature of each adapted module, two
+    # more activations per module, and the weight norm computed in each forward
+    dora: bool = False
     # the experiment keys that set each knob, for suggestions a user can paste after --set
     keys: dict[str, str] = field(default_factory=dict, compare=False)
 

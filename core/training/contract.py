@@ -92,13 +92,22 @@ def stop_on_signals(progress: Progress) -> Iterator[None]:
             signal.signal(sig, old)
 
 
+def real_tokens(batch) -> int | None:
+    """The tokens a collated batch trains on, padding excluded: its attention mask, or both answers' with their
+    prompt (the paired batches of trl's ORPO and CPO trainers)."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    if "chosen_attention_mask" in batch:
+        return int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
+    return int(batch["input_ids"].numel()) if "input_ids" in batch else None
+
+
 def _count_batch_tokens(trainer, progress: Progress) -> None:
     collate = trainer.data_collator
 
     def counting(features):
         batch = collate(features)
-        progress.batch_tokens = (int(batch["attention_mask"].sum()) if "attention_mask" in batch
-                                 else int(batch["input_ids"].numel()) if "input_ids" in batch else None)
+        progress.batch_tokens = real_tokens(batch)
         return batch
 
     trainer.data_collator = counting

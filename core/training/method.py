@@ -48,6 +48,7 @@ class Method(ABC):
     # how it trains on several GPUs (docs/distributed.md): "ddp" works for any trainer; "fsdp" needs a model FSDP can
     # shard (fx.QLoraMethod's 4-bit loading provides it)
     strategies: tuple[str, ...] = ("ddp",)
+    unpaired = False  # True: trains on unpaired rows (Example.completion / Example.label)
 
     class Settings(settings.Settings):
         pass

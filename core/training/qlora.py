@@ -3,6 +3,7 @@ way whichever trainer trains it. A method subclasses :class:`QLoraMethod` and pr
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,11 @@ class QLoraMethod(Method):
 
     def check(self) -> list[str]:
         s = self.settings
+        problems = []
         if s.compile and s.liger is True:
-            return ["method.liger = true and method.compile = true don't go together (torch.compile can't trace "
-                    "Liger's kernels; it fuses the same operations itself): set one of them to false"]
-        return []
+            problems.append("method.liger = true and method.compile = true don't go together (torch.compile can't "
+                            "trace Liger's kernels; it fuses the same operations itself): set one of them to false")
+        return problems + lora_problems(s.lora)
 
     # -- the model --------------------------------------------------------------------------------------------------
 
@@ -61,13 +63,28 @@ class QLoraMethod(Method):
         return model
 
     def attach(self, model):
-        """Fresh LoRA adapters on a base from :meth:`load_base`."""
+        """Fresh LoRA adapters (``[method.lora]``'s variant and initialisation) on a base from :meth:`load_base`."""
         from peft import LoraConfig, get_peft_model
 
         lora = self.settings.lora
-        return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                target_modules=lora.target_modules, bias="none",
-                                                task_type="CAUSAL_LM"))
+        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                 target_modules=lora.target_modules, bias="none",
+                                                 task_type="CAUSAL_LM", use_dora=lora.variant == "dora",
+                                                 use_rslora=lora.variant == "rslora"))
+        if lora.init == "loftq":
+            from peft import replace_lora_weights_loftq
+
+            # peft's path for a base that is already 4-bit: the original weights are read from the model's
+            # safetensors (a local folder, or the hub cache for a hub id)
+            path = model.get_base_model().config._name_or_path
+            replace_lora_weights_loftq(model, model_path=path if os.path.isdir(path) else None)
+        return model
+
+    @property
+    def starts_as_base(self) -> bool:
+        """Whether a fresh adapter leaves the model computing exactly its base (B = 0), so that the base with the
+        adapter switched off is the policy training starts from; LoftQ's adapter starts elsewhere."""
+        return self.settings.lora.init == "default"
 
     def load(self, source, tokenizer):
         return self.prepare_training(self.attach(self.load_base(source)))
@@ -125,7 +142,7 @@ class QLoraMethod(Method):
             micro_batch=s.micro_batch_size, seq_len=max_length, gradient_checkpointing=gc is not False and gc != 0,
             checkpointed_layers=layers, dequantize_once=s.dequantize_once and not s.compile,
             lora_r=s.lora.r, lora_targets=targets, lora_dropout=s.lora.dropout, compute_dtype=dtype,
-            quant_type=s.quant_type, double_quant=s.double_quant, optim=s.optim,
+            quant_type=s.quant_type, double_quant=s.double_quant, optim=s.optim, dora=s.lora.variant == "dora",
             gradient_accumulation=s.gradient_accumulation_steps,
             micro_batch_tokens=getattr(s, "micro_batch_tokens", 0),
             persistent_grads=packed and getattr(s, "cuda_graphs", False) is not False,  # graphed steps (a CUDA target)
@@ -135,6 +152,28 @@ class QLoraMethod(Method):
                   "lora_r": "method.lora.r"},
         )
         return Workload(**{**fields, **shape})
+
+
+def lora_problems(lora) -> list[str]:
+    """``[method.lora]`` combinations that can't work on a 4-bit base, one line each naming the key."""
+    problems = []
+    if lora.init == "pissa":
+        problems.append("method.lora.init = 'pissa' can't work on a 4-bit base: PiSSA moves the base weights' "
+                        "principal components into the adapter and leaves the residual in the base, which peft "
+                        "computes on 16- or 32-bit weights; a 4-bit base would have to be quantised again from that "
+                        "residual (a model of its own). Use init = 'loftq', made for 4-bit bases, or 'default'")
+    if lora.init == "loftq":
+        if device() != "cuda":
+            problems.append("method.lora.init = 'loftq' needs a CUDA GPU: peft computes LoftQ's initialisation "
+                            "there (replace_lora_weights_loftq); use init = 'default' on this machine")
+        if lora.variant == "dora":
+            problems.append("method.lora.init = 'loftq' and variant = 'dora' don't go together: DoRA takes its "
+                            "magnitudes from the base before LoftQ sets the adapter's weights")
+        if abs(lora.scaling - 1) > 1e-9:
+            wanted = f"{lora.r ** 0.5:g} (the square root of r, with rsLoRA)" if lora.variant == "rslora" else lora.r
+            problems.append(f"method.lora.alpha: LoftQ sets B x A to the 4-bit base's quantisation error without "
+                            f"LoRA's scaling (peft issue #1982), so it needs a scaling of 1: alpha = {wanted}")
+    return problems
 
 
 def keep_4bit_layout(model) -> None:

@@ -27,6 +27,18 @@ class LoraSettings(Settings):
     alpha: float = Field(16, gt=0, le=1e6)
     dropout: float = Field(0.1, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    # PEFT's LoRA variants: "dora" (a trainable magnitude per output feature, the weight's direction from LoRA),
+    # "rslora" (the update scaled by alpha / sqrt(r) instead of alpha / r)
+    variant: Literal["lora", "dora", "rslora"] = "lora"
+    # the adapter's starting weights: "default" (B = 0: the model starts as its base), "loftq" (B x A starts as the
+    # 4-bit base's quantisation error, peft's replace_lora_weights_loftq; needs a CUDA GPU), "pissa" (refused on a
+    # 4-bit base, with the reason: docs/methods.md)
+    init: Literal["default", "pissa", "loftq"] = "default"
+
+    @property
+    def scaling(self) -> float:
+        """The factor peft multiplies B x A by."""
+        return self.alpha / (self.r ** 0.5 if self.variant == "rslora" else self.r)
 
 
 class QLoraSettings(Settings):

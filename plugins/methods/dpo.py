@@ -19,6 +19,7 @@ from pydantic import Field, model_validator
 import fx
 from fx.data.tokenize import tokenize_preferences
 from fx.evaluation import preference_metrics, task_metric
+from fx.training.preference import PromptLengthSettings, reference_problems, with_lengths
 
 # DPOTrainer's loss types in trl 1.16 (DPOConfig.loss_type; DPOTrainer._compute_loss refuses any other)
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -30,13 +31,11 @@ class DPO(fx.QLoraMethod):
                    "with the adapter off, or against an SFT run's adapter (init_adapter)")
     preference = True
 
-    class Settings(fx.QLoraMethod.Settings):
+    class Settings(fx.QLoraMethod.Settings, PromptLengthSettings):
         learning_rate: float = Field(5e-5, gt=0, le=1)
         beta: float = Field(0.1, gt=0, le=1000)  # how far the policy may move from the reference (higher: less)
         loss_type: Literal[LOSS_TYPES] = "sigmoid"
         label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # robust DPO's flip probability, EXO's epsilon
-        max_prompt_length: int | None = Field(None, ge=1, le=131072)  # a longer prompt keeps its end
-        max_completion_length: int | None = Field(None, ge=1, le=131072)  # a longer answer keeps its start
         init_adapter: str | None = Field(None, min_length=1, max_length=4096)  # a finished fx run, or its adapter/
 
         @model_validator(mode="after")
@@ -58,7 +57,7 @@ class DPO(fx.QLoraMethod):
         return None
 
     def check(self) -> list[str]:
-        problems = super().check()
+        problems = super().check() + reference_problems(self)
         if self.settings.init_adapter is None:
             return problems
         folder = self.init_folder()
@@ -145,10 +144,9 @@ class DPO(fx.QLoraMethod):
             f_divergence_type="reverse_kl",
             activation_offloading=False,
         )
-        rows = [{**r, "length": len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"]))}
-                for r in rows]  # group_by_length reads the "length" column
         trainer = _trainer_class()(model=model, ref_model=None, args=args,
-                                   train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)
+                                   train_dataset=datasets.Dataset.from_list(with_lengths(rows)),
+                                   processing_class=tokenizer)
         if s.init_adapter is None and "ref" in model.peft_config:
             # trl copied the fresh adapter as "ref"; its B matrices are zero, so the copy computes the base: the
             # reference is the base with the adapter off, without a second adapter in memory
