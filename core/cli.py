@@ -181,47 +181,10 @@ def cmd_push(args) -> int:
     return 0
 
 
-def _cell(value) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 def cmd_runs(args) -> int:
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
     from fx.after import runs
 
-    console = Console()
-    if not console.is_terminal:  # piped or redirected: whole rows, not cells wrapped to 80 columns
-        console = Console(width=max(console.width, 240))
-    if args.compare:
-        a, b = (runs.resolve(args.dir, name) for name in args.compare)
-        config_rows, metric_rows = runs.compare(a, b)
-        for title, rows in ((f"config differences ({len(config_rows)})", config_rows), ("metrics", metric_rows)):
-            table = Table(title=title, box=box.SIMPLE_HEAD)
-            for column in ("key", a.name, b.name):
-                table.add_column(column, justify="left" if column == "key" else "right", overflow="fold")
-            for key, left, right in rows:
-                table.add_row(key, _cell(left), _cell(right))
-            console.print(table)
-        return 0
-    rows = runs.collect(args.dir, args.sort, args.reverse)
-    if not rows:
-        print(f"no runs in {args.dir}")
-        return 0
-    table = Table(title=f"runs in {args.dir} (sorted by {args.sort}{', reversed' if args.reverse else ''})",
-                  box=box.SIMPLE_HEAD)
-    for column in ("name", "date", "model", "method", "status", "steps", "metric", "final", "best", "tokens/s",
-                   "VRAM GiB"):
-        table.add_column(column,
-                         justify="right" if column in ("steps", "final", "best", "tokens/s", "VRAM GiB") else "left")
-    for r in rows:
-        table.add_row(r.name, r.date.astimezone().strftime("%Y-%m-%d %H:%M"), r.model, r.method, r.status,
-                      _cell(r.steps), r.metric, _cell(r.final), _cell(r.best), _cell(r.tokens_s), _cell(r.vram))
-    console.print(table)
+    runs.show(args.dir, args.sort, args.reverse, args.compare)
     return 0
 
 

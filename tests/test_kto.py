@@ -140,8 +140,12 @@ def test_a_run_moves_the_rewards_apart_and_logs_trl_metrics(kto_run):
     steps = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     trained = [s for s in steps if "kl" in s]
     assert [s["step"] for s in trained] == list(range(1, 9))
-    for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "tokens_per_s"):
+    for key in ("loss", "tokens_per_s"):
         assert all(key in s for s in trained), key
+    # trl logs a kind's rewards and log-probabilities only for a micro-batch that holds rows of that kind
+    assert all("rewards/chosen" in s or "rewards/rejected" in s for s in trained)
+    for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        assert any(key in s for s in trained), key
     assert {"kl", "eval_label_accuracy"} <= set((folder / "metrics.csv").read_text().splitlines()[0].split(","))
 
 
