@@ -198,6 +198,22 @@ def register_plugin(monkeypatch):
     return register
 
 
+@pytest.fixture
+def hungry_method(register_plugin):
+    """A method named ``hungry`` whose trainer runs out of GPU memory as CUDA reports it (simulated on the CPU)."""
+
+    class Hungry(fx.QLoraMethod):
+        def trainer(self, model, tokenizer, rows, session):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 48.00 MiB.")
+
+    class Plugin:
+        @fx.hookimpl
+        def fx_register_methods(self, register):
+            register("hungry", Hungry)
+
+    return register_plugin(Plugin(), "hungry-method")
+
+
 def assert_stopped_run_resumes_to_the_uninterrupted_adapter(path: Path, tmp_path: Path, register) -> None:
     """Train ``path`` straight through, and again stopped after step 3 as SIGTERM would stop it (the step finished,
     a checkpoint written) then resumed: the resumed run continues from the checkpoint at step 4 and ends with the
