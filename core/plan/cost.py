@@ -146,13 +146,15 @@ def layer_activation_bytes(arch: Architecture, work: Workload) -> float:
     (1 byte) and the dropped input (d bytes) per input feature, plus its rank-r hidden; without dropout it
     keeps the input it shares with the other modules reading it. DoRA keeps the base output and the scaled LoRA
     output of each adapted module for its magnitude's gradient (2 x d x out; not calibrated). Checked against the
-    bytes autograd saves on the GPU (``scripts/measure_memory.py --probe``).
+    bytes autograd saves on the GPU (``scripts/measure_memory.py --probe``). With Liger's kernels
+    (``work.liger``) each RMSNorm keeps its input in the compute dtype and one float32 reciprocal norm per token,
+    and the SwiGLU keeps only the gate and up projections (it recomputes the activation in its backward).
     """
     h, i, kv, d = arch.hidden, arch.intermediate, arch.kv_dim, dtype_bytes(work.compute_dtype)
-    norms = 2 * 4 * h
+    norms = 2 * (d * h + 4) if work.liger else 2 * 4 * h
     kv_saved = kv if arch.kv_heads == arch.heads else h  # repeat_kv materialises grouped keys and values
     attention = d * h + 2 * d * kv_saved + d * h + 4 * arch.heads
-    mlp = 3 * d * i
+    mlp = 2 * d * i if work.liger else 3 * d * i
     lora = 0.0
     shared_inputs = set()
     for name, (fan_in, fan_out) in lora_shapes(arch, work.lora_targets).items():
@@ -320,6 +322,7 @@ def plan(arch: Architecture, work: Workload, config_origin: str = "") -> Plan:
         Component("optimizer states", opt_inside, work.optim + (" (states of small tensors)" if opt_paged else "")),
         Component("activations", peak.saved,
                   f"kept for backward, {work.shape}, checkpointing {layers}"
+                  + (", Liger's norms and SwiGLU" if work.liger else "")
                   + (", the checkpointed layers' inputs left when their backward runs" if peak.recomputed
                      and ckpt < arch.layers else "")
                   + f" (the other way, with its working set: {other / GIB:.2f} GiB)"),

@@ -17,6 +17,7 @@ class Architecture:
     kv_heads: int
     vocab: int
     tied: bool = False
+    model_type: str = ""  # transformers' name for it ("llama", ...): which fused kernels it can take
 
     @property
     def head_dim(self) -> int:
@@ -39,7 +40,8 @@ class Architecture:
         return cls(hidden=config.hidden_size, intermediate=config.intermediate_size,
                    layers=config.num_hidden_layers, heads=heads,
                    kv_heads=getattr(config, "num_key_value_heads", None) or heads, vocab=config.vocab_size,
-                   tied=bool(getattr(config, "tie_word_embeddings", False)))
+                   tied=bool(getattr(config, "tie_word_embeddings", False)),
+                   model_type=str(getattr(config, "model_type", "") or ""))
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class Workload:
     persistent_grads: bool = False          # gradients live in fixed buffers between steps (CUDA-graphed steps)
     checkpointed_layers: int | None = None  # with gradient_checkpointing: only the first N decoder layers (None: all)
     dequantize_once: bool = False           # a checkpointed layer's recompute keeps its dequantised weights
+    liger: bool = False                     # Liger's RMSNorm and SwiGLU kernels, which keep fewer tensors for backward
     # preference training (DPO): sequences per row in one forward (trl concatenates chosen and rejected answers
     # into one batch of 2 x micro-batch), a no-grad reference forward of that batch after the policy's (the base
     # with the adapter off), and a frozen copy of the adapter as the reference (training from an SFT adapter)

@@ -23,6 +23,7 @@ from fx.plan.gpus import GIB, GPUS, budget_gib
 from fx.plan.shapes import Architecture
 from fx.training.distributed import current, per_rank_workload
 from fx.training.distributed import problems as distributed_problems
+from fx.training.kernels import expects_liger
 
 # gradient_checkpointing = "auto" plans within this share of the budget: the planner's largest error measured is 5.4%
 # (docs/memory.md), and what it does not count (a T4's SDPA masks, the CUDA graphs' pool) needs room too
@@ -51,6 +52,7 @@ def plan_experiment(exp, budget: str | float | None = None, ranks: int | None = 
     work = exp.method.cls(exp.method.settings).workload(exp.data.max_length, gpu.bf16 if gpu else None)
     if work is None:
         raise UserError(f"method {exp.method.name!r} gives the memory planner no workload; it can't be planned")
+    work = replace(work, liger=expects_liger(getattr(exp.method.settings, "liger", False), arch.model_type))
     work = per_rank_workload(work, ranks, strategy)
     return Fitted(exp, plan(arch, work, source.config_origin), budget_bytes, label)
 

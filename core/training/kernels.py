@@ -34,6 +34,18 @@ def apply_liger(model, choice: bool | str) -> bool:
     return True
 
 
+def expects_liger(choice: bool | str, model_type: str) -> bool:
+    """Whether :func:`apply_liger` will put Liger's kernels into a model of ``model_type`` here: the planner's
+    question (they keep fewer tensors for backward), answered without loading the model or refusing anything."""
+    if choice is False or device() != "cuda":
+        return False
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        return False
+    return model_type in MODEL_TYPE_TO_APPLY_LIGER_FN
+
+
 def choose_attention(model, choice: str, padding_free: bool) -> str:
     """The attention function for training (fx.attention): varlen FlashAttention for padding-free batches where the
     GPU has it, else transformers' sdpa with its exact block-diagonal mask; the name in use."""
