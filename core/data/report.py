@@ -1,8 +1,9 @@
 """``fx data``: what the model will be trained on, before a run spends time on it.
 
 A few training examples rendered through the experiment's template with the loss-bearing text marked, the
-token-length distribution under that template and tokenizer, how many rows ``data.max_length`` truncates, and
-a histogram of the lengths as a PNG.
+token-length distribution under that template and tokenizer, how many rows the method's tokenization truncates
+and drops (its own limits included: a preference method's prompt and answer lengths), and a histogram of the lengths
+as a PNG.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fx.config import Experiment
-from fx.data.prepare import load_examples
-from fx.data.templating import Rendered, encode
-from fx.data.tokenize import renderings
+from fx.data.prepare import load_examples, refuse_other_kind
+from fx.data.templating import Rendered
+from fx.data.tokenize import render
 from fx.errors import UserError
 from fx.files import write_atomic
 
@@ -29,15 +30,14 @@ class LengthStats:
     median: float
     p95: int
     max: int
-    truncated: int  # rows longer than max_length
-    unanswered: int  # rows whose answers all fall beyond max_length
+    truncated: int  # rows the method's tokenization cuts
+    unanswered: int  # rows it drops: no answer token left
 
     @classmethod
-    def of(cls, lengths: list[int], max_length: int, unanswered: int) -> LengthStats:
+    def of(cls, lengths: list[int], truncated: int, unanswered: int) -> LengthStats:
         ordered = sorted(lengths)
         p95 = ordered[max(0, -(-95 * len(ordered) // 100) - 1)]  # nearest rank
-        return cls(len(ordered), ordered[0], statistics.median(ordered), p95, ordered[-1],
-                   sum(n > max_length for n in ordered), unanswered)
+        return cls(len(ordered), ordered[0], statistics.median(ordered), p95, ordered[-1], truncated, unanswered)
 
 
 def length_histogram(lengths: list[int], max_length: int, path: Path, title: str) -> Path:
@@ -86,28 +86,43 @@ class Report:
     preference: bool
 
 
+def pair_pieces(method, example, template, tokenizer, max_length: int):
+    """A preference row as the method trains on it (its own prompt and answer limits applied): for each answer, the
+    prompt and the answer as (text, carries loss) pieces, and whether the row was cut; [] when it is dropped."""
+    tokenized = method.tokenize([example], template, tokenizer, max_length)
+    if not tokenized.rows:
+        return []
+    row, cut = tokenized.rows[0], bool(tokenized.truncated)
+    return [(which, [(tokenizer.decode(row["prompt_ids"]), False), (tokenizer.decode(row[f"{which}_ids"]), True)],
+             cut) for which in ("chosen", "rejected")]
+
+
 def build(exp: Experiment, count: int, png: Path | None) -> Report:
+    """Tokenize every row as the run's method does, and render the first ``count`` training rows."""
     train, held = load_examples(exp)
+    refuse_other_kind(exp, train + held)
+    method = exp.method.cls(exp.method.settings)
     tokenizer = exp.model.cls(exp.model.settings).tokenizer()
     template = exp.template.cls(exp.template.settings, tokenizer)
     max_length = exp.data.max_length
-    lengths, unanswered, shown = [], 0, []
+    shown = []
     try:
-        for index, example in enumerate(train + held):
-            rendered_all = renderings(template, example)
-            for which, rendered in zip(("chosen", "rejected") if example.is_preference else ("",), rendered_all):
-                row, length = encode(tokenizer, rendered, max_length)
-                lengths.append(length)
-                unanswered += all(label == -100 for label in row["labels"])
-                if index < min(count, len(train)):
-                    pieces, cut = segments(rendered, tokenizer, max_length)
-                    shown.append((f"train example {index + 1}" + (f" ({which})" if which else ""), pieces, cut))
+        parts = [method.tokenize(part, template, tokenizer, max_length) for part in (train, held) if part]
+        for index, example in enumerate(train[:count]):
+            label = f"train example {index + 1}"
+            if example.is_preference:
+                shown += [(f"{label} ({which})", pieces, cut)
+                          for which, pieces, cut in pair_pieces(method, example, template, tokenizer, max_length)]
+            else:
+                shown.append((label, *segments(render(template, example), tokenizer, max_length)))
     except ValueError as exc:
         raise UserError(f"template {exp.template.name!r}: {exc}") from None
+    lengths = [n for part in parts for n in part.lengths]
+    stats = LengthStats.of(lengths, sum(p.truncated for p in parts), sum(p.dropped for p in parts))
     path = png or Path(exp.experiment.output_dir) / f"{exp.experiment.name}-lengths.png"
     title = f"{exp.experiment.name}: template {exp.template.name!r}"
-    return Report(LengthStats.of(lengths, max_length, unanswered), shown,
-                  length_histogram(lengths, max_length, path, title), len(train), len(held), train[0].is_preference)
+    return Report(stats, shown, length_histogram(lengths, max_length, path, title), len(train), len(held),
+                  train[0].is_preference)
 
 
 def show(exp: Experiment, report: Report, console) -> None:
@@ -115,7 +130,8 @@ def show(exp: Experiment, report: Report, console) -> None:
     from rich.text import Text
 
     s = report.stats
-    kind = "preference pairs (each rendered with its chosen and its rejected answer)" if report.preference else "rows"
+    kind = ("preference pairs (each rendered with its chosen and its rejected answer, cut as the method cuts them)"
+            if report.preference else "rows")
     console.print(f"{exp.path}: {report.train_rows} training and {report.held_out_rows} held-out {kind}; "
                   f"template {exp.template.name!r}, model {exp.model.name!r}")
     if report.examples:
@@ -127,7 +143,12 @@ def show(exp: Experiment, report: Report, console) -> None:
             out.append(f"{OPEN}{text}{CLOSE}" if loss else text, style="bold green" if loss else None)
         console.print(out, highlight=False, markup=False)
     console.print(Rule("token lengths"))
-    console.print(f"{s.rows} rendered rows: min {s.min}, median {s.median:g}, p95 {s.p95}, max {s.max} tokens")
-    console.print(f"truncated at data.max_length = {exp.data.max_length}: {s.truncated} of {s.rows} rows"
+    rows = "pairs (prompt + the longer answer)" if report.preference else "rendered rows"
+    console.print(f"{s.rows} {rows}: min {s.min}, median {s.median:g}, p95 {s.p95}, max {s.max} tokens")
+    limits = f"data.max_length = {exp.data.max_length}"
+    for key in ("max_prompt_length", "max_completion_length"):  # a preference method's own limits
+        if getattr(exp.method.settings, key, None):
+            limits += f", method.{key} = {getattr(exp.method.settings, key)}"
+    console.print(f"truncated at {limits}: {s.truncated} of {s.rows} rows"
                   + (f"; {s.unanswered} keep no answer token and would be dropped" if s.unanswered else ""))
     console.print(f"histogram: {report.histogram}")
