@@ -6,7 +6,7 @@ import math
 import re
 from typing import Any
 
-from fx.data.formats import Example
+from fx.data.formats import Example, expected
 from fx.data.templating import Template, encode_prompt
 from fx.data.tokenize import prompt_of
 
@@ -81,12 +81,13 @@ def _normal(text: str) -> str:
 
 
 def score(metric: str, answers: list[str], examples: list[Example], references: list[str]) -> dict[str, Any]:
-    """``contains``: every string in the row's ``expect`` column is in the answer (case-insensitive); rows
-    without ``expect`` are not scored. ``exact_match``: the answer equals the reference, whitespace and case aside."""
+    """``contains``: every string in the row's ``expect`` column (a list of strings, or one string) is in the answer,
+    case and whitespace aside; rows without ``expect`` are not scored. ``exact_match``: the answer equals the
+    reference, whitespace and case aside."""
     hits = total = 0
     for answer, example, reference in zip(answers, examples, references):
         if metric == "contains":
-            expect = example.extra.get("expect")
+            expect = expected(example)
             if not expect:
                 continue
             ok = all(_normal(e) in _normal(answer) for e in expect)
@@ -96,16 +97,29 @@ def score(metric: str, answers: list[str], examples: list[Example], references: 
     return {metric: round(hits / total, 4) if total else None, f"{metric}_hits": hits, f"{metric}_total": total}
 
 
+def held_out_answers(model, tokenizer, template, examples: list[Example], settings):
+    """Greedy answers to the first ``settings.max_examples`` held-out prompts (``[stages.evaluate]``): the examples
+    that have a prompt, their answers and their reference answers."""
+    scored = [(e, pair) for e in examples[: settings.max_examples] if (pair := prompt_of(template, e)) is not None]
+    answers = generate(model, tokenizer, template, [conversation for _, (conversation, _) in scored],
+                       settings.max_new_tokens)
+    return [e for e, _ in scored], answers, [reference for _, (_, reference) in scored]
+
+
 def task_metric(model, tokenizer, template, examples: list[Example], settings) -> tuple[dict[str, Any], list[str]]:
     """The ``[stages.evaluate]`` metric on answers generated to the held-out prompts (none: nothing), and the
     answers."""
     if settings.metric == "none":
         return {}, []
-    scored = [(e, pair) for e in examples[: settings.max_examples] if (pair := prompt_of(template, e)) is not None]
-    conversations = [conversation for _, (conversation, _) in scored]
-    answers = generate(model, tokenizer, template, conversations, settings.max_new_tokens)
-    references = [reference for _, (_, reference) in scored]
-    return score(settings.metric, answers, [e for e, _ in scored], references), answers
+    scored, answers, references = held_out_answers(model, tokenizer, template, examples, settings)
+    return score(settings.metric, answers, scored, references), answers
+
+
+def answer_rows(rows: list[dict[str, list[int]]]) -> list[dict[str, list[int]]]:
+    """Rows for :func:`heldout_loss`: answer rows as they are; a preference row as its prompt and chosen answer,
+    the loss on the answer (the ``chosen_loss`` of :func:`preference_metrics`)."""
+    return [r if "input_ids" in r else {"input_ids": r["prompt_ids"] + r["chosen_ids"],
+                                        "labels": [-100] * len(r["prompt_ids"]) + r["chosen_ids"]} for r in rows]
 
 
 def evaluate(model, tokenizer, template, rows, examples: list[Example], settings) -> tuple[dict[str, Any], list[str]]:
