@@ -166,6 +166,22 @@ def test_eval_reproduces_eval_after(tiny_run, elsewhere, capsys):
     assert measured["contains_hits"] == after["contains_hits"] and measured["contains_total"] == after["contains_total"]
 
 
+def test_eval_and_generate_accept_the_merged_folder(tiny_run, elsewhere, capsys):
+    """`fx eval` and `fx generate` on RUN/merged measure the merged model in the run's template: the run's own
+    held-out numbers and answers (float32 merge into the trained base)."""
+    _, folder, _ = tiny_run
+    assert cli.main(["eval", str(folder / "merged")]) == 0
+    measured = json.loads(capsys.readouterr().out)["metrics"]
+    after = json.loads((folder / "summary.json").read_text())["eval_after"]
+    assert measured["loss"] == pytest.approx(after["loss"], rel=2e-3)
+    assert measured["contains_hits"] == after["contains_hits"] and measured["contains_total"] == after["contains_total"]
+    prompt = "What is 2 plus 3?"
+    assert cli.main(["generate", str(folder), "--prompt", prompt]) == 0
+    from_adapter = capsys.readouterr().out
+    assert cli.main(["generate", str(folder / "merged"), "--prompt", prompt]) == 0
+    assert capsys.readouterr().out == from_adapter
+
+
 def test_eval_on_another_file(tiny_run, elsewhere, capsys):
     _, folder, _ = tiny_run
     (elsewhere / "other.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS[:5]))
