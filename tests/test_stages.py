@@ -85,8 +85,13 @@ def test_merge_stage_runs_last_and_is_announced(tiny_run):
     assert summary["merge"]["dtype"] == "float32" and summary["merge"]["path"] == str(folder / "merged")
 
 
-def test_merged_model_loads_with_plain_transformers_and_equals_the_adapter_model(tiny_run):
+def test_merged_model_loads_with_plain_transformers_and_behaves_like_the_trained_adapter(tiny_run):
+    """The default merge (into the dequantised 4-bit base the adapter was trained against), loaded with plain
+    transformers, gives the trained adapter model's held-out contains score and greedy answers: identical in
+    float32, and the merge stage's own check in summary.json says so."""
     from transformers import AutoModelForCausalLM
+
+    from fx.after import fidelity
 
     _, folder, _ = tiny_run
     merged_dir = folder / "merged"
@@ -95,7 +100,17 @@ def test_merged_model_loads_with_plain_transformers_and_equals_the_adapter_model
     assert (merged_dir / "model.safetensors").is_file() and not (merged_dir / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     assert not any("lora" in name for name, _ in merged.named_parameters())
-    assert_equals_adapter_model(merged, adapter_model(folder, torch.float32), held_out_ids(folder), torch.float32)
+    exp = inference.experiment(folder)
+    prep = prepare(exp)
+    args = (prep.tokenizer, prep.template, prep.held_out.rows, prep.held_out_examples, exp.stages.evaluate)
+    adapter = fidelity.measure(inference.load(folder).model, *args)
+    plain = fidelity.measure(merged, *args)
+    assert plain["answers"] == adapter["answers"] and len(adapter["answers"]) > 0
+    assert (plain["contains_hits"], plain["contains_total"]) == (adapter["contains_hits"], adapter["contains_total"])
+    assert plain["loss"] == pytest.approx(adapter["loss"], rel=fidelity.TOLERANCE["float32"]["loss"])
+    check = json.loads((folder / "summary.json").read_text())["merge"]["check"]
+    assert check["within_tolerance"] and check["same_answers"] == check["answers"] == len(adapter["answers"])
+    assert check["merged"]["contains_hits"] == adapter["contains_hits"]
 
 
 def test_fx_merge_bfloat16(tiny_run, tmp_path, elsewhere):
@@ -103,7 +118,7 @@ def test_fx_merge_bfloat16(tiny_run, tmp_path, elsewhere):
 
     _, folder, _ = tiny_run
     out = tmp_path / "bf16"
-    assert cli.main(["merge", str(folder), "--out", str(out), "--dtype", "bfloat16"]) == 0
+    assert cli.main(["merge", str(folder), "--out", str(out), "--dtype", "bfloat16", "--base", "original"]) == 0
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     assert merged.dtype == torch.bfloat16
     assert_equals_adapter_model(merged, adapter_model(folder, torch.bfloat16), held_out_ids(folder), torch.bfloat16)
@@ -149,6 +164,22 @@ def test_eval_reproduces_eval_after(tiny_run, elsewhere, capsys):
     after = json.loads((folder / "summary.json").read_text())["eval_after"]
     assert measured["loss"] == pytest.approx(after["loss"], abs=1e-3)
     assert measured["contains_hits"] == after["contains_hits"] and measured["contains_total"] == after["contains_total"]
+
+
+def test_eval_and_generate_accept_the_merged_folder(tiny_run, elsewhere, capsys):
+    """`fx eval` and `fx generate` on RUN/merged measure the merged model in the run's template: the run's own
+    held-out numbers and answers (float32 merge into the trained base)."""
+    _, folder, _ = tiny_run
+    assert cli.main(["eval", str(folder / "merged")]) == 0
+    measured = json.loads(capsys.readouterr().out)["metrics"]
+    after = json.loads((folder / "summary.json").read_text())["eval_after"]
+    assert measured["loss"] == pytest.approx(after["loss"], rel=2e-3)
+    assert measured["contains_hits"] == after["contains_hits"] and measured["contains_total"] == after["contains_total"]
+    prompt = "What is 2 plus 3?"
+    assert cli.main(["generate", str(folder), "--prompt", prompt]) == 0
+    from_adapter = capsys.readouterr().out
+    assert cli.main(["generate", str(folder / "merged"), "--prompt", prompt]) == 0
+    assert capsys.readouterr().out == from_adapter
 
 
 def test_eval_on_another_file(tiny_run, elsewhere, capsys):
