@@ -176,6 +176,7 @@ def execute(exp: Experiment, plugins, resume: Path | None = None) -> Path:
         raise
     finally:
         segment["to_step"] = max(segment["to_step"], run.progress.step)
+        summary.stop_clock()
         _measure_peaks(summary)
         if world.main:
             _finish(run, summary, hub, plugins, error)

@@ -50,14 +50,14 @@ class Run:
     @contextmanager
     def stage(self, name: str) -> Iterator[dict[str, Any]]:
         """Announce a stage to plugins; what the body puts in the yielded dict is the stage's result."""
+        self.current_stage = name  # from before the plugins hear of it to after they heard its end
         if self._main:
             self._plugins.hook.fx_stage_start(run=self, stage=name)
-        self.current_stage = name
         result: dict[str, Any] = {}
         yield result
-        self.current_stage = None
         if self._main:
             self._plugins.hook.fx_stage_end(run=self, stage=name, result=result)
+        self.current_stage = None
 
 
 class Summary(dict):
@@ -72,9 +72,15 @@ class Summary(dict):
         self.folder = folder
         self.started_at = time.perf_counter() if started_at is None else started_at
         self.earlier_wall_s = earlier_wall_s
+        self.stopped_at: float | None = None
+
+    def stop_clock(self) -> None:
+        """The run has ended: later writes (what the trackers did at its end) keep its wall time as it is now, the
+        one ``fx_run_end`` was given."""
+        self.stopped_at = time.perf_counter()
 
     def write(self) -> None:
-        elapsed = time.perf_counter() - self.started_at
+        elapsed = (self.stopped_at or time.perf_counter()) - self.started_at
         self["wall_s"] = round(self.earlier_wall_s + elapsed, 1)
         if self.get("segments"):
             self["segments"][-1]["wall_s"] = round(elapsed, 1)
