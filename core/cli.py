@@ -85,12 +85,15 @@ def cmd_plugins(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    console = Console()
+    if not console.is_terminal:  # piped or redirected: whole names, not cells cut to 80 columns
+        console = Console(width=max(console.width, 240))
     table = Table(title="fx plugins")
     for column in ("plugin", "version", "registers", "hooks"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column != "hooks", overflow="fold")
     for info in infos:
         table.add_row(info.name, info.version, "\n".join(info.registers), "\n".join(info.hooks))
-    Console().print(table)
+    console.print(table)
     return 0
 
 
@@ -152,13 +155,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from fx.after import inference
+    from fx.after import fidelity, inference
     from fx.after.merge import merge
 
     exp = inference.experiment(args.run_dir)
     _quiet_libraries()
-    result = merge(exp, args.run_dir, args.out or args.run_dir / "merged", args.dtype)
-    print(f"merged ({result['dtype']}, {result['size_gib']} GiB): {result['path']}")
+    result = merge(exp, args.run_dir, args.out or args.run_dir / "merged", args.dtype, base=args.base)
+    fidelity.report(result)
     return 0
 
 
@@ -297,28 +300,31 @@ def parser() -> argparse.ArgumentParser:
     data.set_defaults(func=cmd_data)
 
     gen = sub.add_parser("generate", help="answer prompts with a finished run's model, in its template")
-    gen.add_argument("run_dir", type=Path)
+    gen.add_argument("run_dir", type=Path, metavar="RUN_DIR|MERGED_DIR")
     gen.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="a user turn (repeatable)")
     gen.add_argument("--max-new-tokens", type=_positive, metavar="N", help="default: the run's [stages.generate]")
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="talk to a finished run's model; the conversation is kept, in its template")
-    chat.add_argument("run_dir", type=Path)
+    chat.add_argument("run_dir", type=Path, metavar="RUN_DIR|MERGED_DIR")
     chat.add_argument("--max-new-tokens", type=_positive, metavar="N",
                       help="per answer; default: the run's [stages.generate]")
     chat.set_defaults(func=cmd_chat)
 
-    ev = sub.add_parser("eval", help="held-out loss, perplexity and task metric of a finished run")
-    ev.add_argument("run_dir", type=Path)
+    ev = sub.add_parser("eval", help="held-out loss, perplexity and task metric of a finished run or merged model")
+    ev.add_argument("run_dir", type=Path, metavar="RUN_DIR|MERGED_DIR")
     ev.add_argument("--data", type=Path, metavar="FILE", help="evaluate on every row of this file instead")
     ev.set_defaults(func=cmd_eval)
 
-    mg = sub.add_parser("merge",
-                        help="merge a run's adapter into its base (16-bit) and save a plain transformers model")
+    mg = sub.add_parser("merge", help="merge a run's adapter into its base, save a plain transformers model and "
+                                      "check it against the adapter on the held-out rows")
     mg.add_argument("run_dir", type=Path)
     mg.add_argument("--out", type=Path, metavar="DIR", help="default: RUN_DIR/merged")
     mg.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
                     help="auto: bfloat16 (float16 on older GPUs); float32 on CPU, where fp16 matmuls are slow")
+    mg.add_argument("--base", choices=("trained", "original"), default="trained",
+                    help="trained (default): the base the adapter was trained against (QLoRA: the 4-bit weights, "
+                         "dequantised); original: the model source's own weights (the check shows what that costs)")
     mg.set_defaults(func=cmd_merge)
 
     ex = sub.add_parser("export", help="a run's model as GGUF (llama.cpp) or for Ollama, checked against the adapter")

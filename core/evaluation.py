@@ -6,7 +6,7 @@ import math
 import re
 from typing import Any
 
-from fx.data.formats import Example
+from fx.data.formats import Example, expected
 from fx.data.templating import Template, encode_prompt
 from fx.data.tokenize import prompt_of
 
@@ -93,12 +93,13 @@ def _normal(text: str) -> str:
 
 
 def score(metric: str, answers: list[str], examples: list[Example], references: list[str]) -> dict[str, Any]:
-    """``contains``: every string in the row's ``expect`` column is in the answer (case-insensitive); rows
-    without ``expect`` are not scored. ``exact_match``: the answer equals the reference, whitespace and case aside."""
+    """``contains``: every string in the row's ``expect`` column (a list of strings, or one string) is in the answer,
+    case and whitespace aside; rows without ``expect`` are not scored. ``exact_match``: the answer equals the
+    reference, whitespace and case aside."""
     hits = total = 0
     for answer, example, reference in zip(answers, examples, references):
         if metric == "contains":
-            expect = example.extra.get("expect")
+            expect = expected(example)
             if not expect:
                 continue
             ok = all(_normal(e) in _normal(answer) for e in expect)
@@ -108,16 +109,36 @@ def score(metric: str, answers: list[str], examples: list[Example], references: 
     return {metric: round(hits / total, 4) if total else None, f"{metric}_hits": hits, f"{metric}_total": total}
 
 
+def held_out_answers(model, tokenizer, template, examples: list[Example], settings):
+    """Greedy answers to the first ``settings.max_examples`` held-out prompts (``[stages.evaluate]``): the examples
+    that have a prompt, their answers and their reference answers."""
+    scored = [(e, pair) for e in examples[: settings.max_examples] if (pair := prompt_of(template, e)) is not None]
+    answers = generate(model, tokenizer, template, [conversation for _, (conversation, _) in scored],
+                       settings.max_new_tokens)
+    return [e for e, _ in scored], answers, [reference for _, (_, reference) in scored]
+
+
 def task_metric(model, tokenizer, template, examples: list[Example], settings) -> tuple[dict[str, Any], list[str]]:
     """The ``[stages.evaluate]`` metric on answers generated to the held-out prompts (none: nothing), and the
     answers."""
     if settings.metric == "none":
         return {}, []
-    scored = [(e, pair) for e in examples[: settings.max_examples] if (pair := prompt_of(template, e)) is not None]
-    conversations = [conversation for _, (conversation, _) in scored]
-    answers = generate(model, tokenizer, template, conversations, settings.max_new_tokens)
-    references = [reference for _, (_, reference) in scored]
-    return score(settings.metric, answers, [e for e, _ in scored], references), answers
+    scored, answers, references = held_out_answers(model, tokenizer, template, examples, settings)
+    return score(settings.metric, answers, scored, references), answers
+
+
+def answer_rows(rows: list[dict[str, Any]]) -> list[dict[str, list[int]]]:
+    """Rows for :func:`heldout_loss`: answer rows as they are; a preference row as its prompt and chosen answer, an
+    unpaired row with a desirable answer as its prompt and that answer (undesirable ones left out), the loss on the
+    answer (the ``chosen_loss`` of :func:`preference_metrics`, the ``desirable_loss`` of :func:`unpaired_metrics`)."""
+    out = []
+    for r in rows:
+        if "input_ids" in r:
+            out.append(r)
+        elif "chosen_ids" in r or r.get("label"):
+            answer = r["chosen_ids"] if "chosen_ids" in r else r["completion_ids"]
+            out.append({"input_ids": r["prompt_ids"] + answer, "labels": [-100] * len(r["prompt_ids"]) + answer})
+    return out
 
 
 def evaluate(model, tokenizer, template, rows, examples: list[Example], settings) -> tuple[dict[str, Any], list[str]]:
@@ -196,23 +217,21 @@ def preference_metrics(model, rows: list[dict[str, list[int]]], pad_id: int, bet
     }
 
 
-def unpaired_metrics(model, rows: list[dict[str, Any]], pad_id: int, beta: float, reference) -> dict[str, Any]:
-    """Held-out measurements of a policy trained on unpaired rows (prompt, completion, label), against its
-    reference (``reference()`` as in :func:`preference_metrics`).
+def unpaired_metrics(model, rows: list[dict[str, Any]], pad_id: int, beta: float, reference=None) -> dict[str, Any]:
+    """Held-out measurements of a policy trained on unpaired rows (prompt, completion, label), and against its
+    reference when it has one (``reference()`` as in :func:`preference_metrics`).
 
     ``label_accuracy``: the share of rows whose implicit reward beta * (log p(answer) - log p_ref(answer)) has the
     sign of its label (above 0 for a desirable answer, below for an undesirable one; exactly 0 while the policy is its
-    reference); ``reward_desirable`` and ``reward_undesirable``: the rewards' means by label. ``desirable_loss``:
+    reference); ``reward_desirable`` and ``reward_undesirable``: the rewards' means by label (these three need the
+    reference). ``desirable_loss``:
     cross-entropy per token of the desirable answers. Where a prompt has both kinds of answer, ``logp_accuracy`` is the
     share of its (desirable, undesirable) combinations in which the policy finds the desirable one more likely
     (``logp_accuracy_per_token``: per answer token), over ``pairs`` such combinations.
     """
     sequences = [(r["prompt_ids"], r["completion_ids"]) for r in rows]
     logps, counts = sequence_logps(model, sequences, pad_id)
-    with reference():
-        ref_logps, _ = sequence_logps(model, sequences, pad_id)
     labels = [bool(r["label"]) for r in rows]
-    rewards = [beta * (p - q) for p, q in zip(logps, ref_logps)]
     good = [i for i, label in enumerate(labels) if label]
     bad = [i for i, label in enumerate(labels) if not label]
 
@@ -220,12 +239,16 @@ def unpaired_metrics(model, rows: list[dict[str, Any]], pad_id: int, beta: float
         return round(sum(values) / len(values), 4) if values else None
 
     result: dict[str, Any] = {
-        "label_accuracy": mean([(w > 0) if label else (w < 0) for w, label in zip(rewards, labels)]),
-        "reward_desirable": mean([rewards[i] for i in good]),
-        "reward_undesirable": mean([rewards[i] for i in bad]),
         "desirable_loss": round(-sum(logps[i] for i in good) / max(sum(counts[i] for i in good), 1), 4),
         "rows": len(rows),
     }
+    if reference is not None:
+        with reference():
+            ref_logps, _ = sequence_logps(model, sequences, pad_id)
+        rewards = [beta * (p - q) for p, q in zip(logps, ref_logps)]
+        result.update(label_accuracy=mean([(w > 0) if label else (w < 0) for w, label in zip(rewards, labels)]),
+                      reward_desirable=mean([rewards[i] for i in good]),
+                      reward_undesirable=mean([rewards[i] for i in bad]))
     by_prompt: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
     for i, r in enumerate(rows):
         by_prompt.setdefault(tuple(r["prompt_ids"]), ([], []))[0 if labels[i] else 1].append(i)

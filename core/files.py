@@ -67,3 +67,18 @@ def atomic_file(path: Path) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+PLACEHOLDERS = ("[More Information Needed]", "fine-tuned version of [None]")  # peft's and trl's empty model cards
+
+
+def drop_placeholder_card(folder: Path) -> None:
+    """Remove the model card peft or trl write beside saved weights when it is their empty template (peft's with
+    this machine's path as the base model): it says nothing of the run and would be published as if it did."""
+    card = Path(folder) / "README.md"
+    try:
+        text = card.read_text(errors="replace")
+    except OSError:
+        return
+    if any(p in text for p in PLACEHOLDERS):
+        card.unlink(missing_ok=True)

@@ -15,9 +15,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from fx.after import fidelity
 from fx.after.export import export, report
 from fx.after.merge import merge
 from fx.config import Experiment
+from fx.data.formats import to_row
 from fx.data.prepare import Prepared, prepare
 from fx.data.report import length_histogram
 from fx.data.tokenize import prompt_of
@@ -34,18 +36,26 @@ from fx.training import budget, contract, distributed, oom
 from fx.training.checkpoints import last_checkpoint, ranks_of
 from fx.training.method import Session
 
+SUMMARY_EVERY_S = 30  # while training, summary.json is rewritten at most this often (steps done, wall time)
 
-def sample_prompts(exp: Experiment, prep: Prepared) -> list[list[dict]]:
+
+def sample_prompts(exp: Experiment, prep: Prepared) -> tuple[list[list[dict]], str]:
+    """The conversations samples.md answers, and a sentence saying where they came from."""
     settings = exp.stages.generate
     if settings.prompts:
-        return [[{"role": "user", "content": p}] for p in settings.prompts]
+        return ([[{"role": "user", "content": p}] for p in settings.prompts],
+                f"the {len(settings.prompts)} prompts of the experiment's `[stages.generate] prompts`")
     pairs = [prompt_of(prep.template, e) for e in prep.held_out_examples]
-    return [p[0] for p in pairs if p is not None][: settings.count]
+    prompts = [p[0] for p in pairs if p is not None][: settings.count]
+    return prompts, (f"the first {len(prompts)} of the run's {len(prep.held_out_examples)} held-out rows "
+                     "(heldout.jsonl), up to `[stages.generate] count`")
 
 
-def write_samples(path: Path, prompts: list[list[dict]], before: list[str], after: list[str]) -> None:
+def write_samples(path: Path, prompts: list[list[dict]], origin: str, before: list[str], after: list[str],
+                  max_new_tokens: int) -> None:
     lines = ["# Samples", "",
-             "Greedy answers to held-out prompts, before and after training, in the run's template.", ""]
+             f"Greedy answers (at most {max_new_tokens} new tokens) before and after training, prompted in the run's "
+             f"template. The prompts are {origin}.", ""]
     for i, (conv, b, a) in enumerate(zip(prompts, before, after), 1):
         lines += [f"## {i}. {conv[-1]['content']}", "", "**Before:**", "", b or "_(empty)_", "", "**After:**", "",
                   a or "_(empty)_", ""]
@@ -69,10 +79,22 @@ def _peaks(rank: int) -> dict[str, Any]:
             "peak_rss_gib": peak_rss_gib()}
 
 
-def _measure_peaks(summary: Summary, wall_s: float) -> None:
+def interrupted_at(run: Run) -> str:
+    """What a SIGINT outside the checkpointed steps (before or after training, or a second one during it) left,
+    and how to go on."""
+    where = run.current_stage or "setup"
+    resume = f"Resume with: {resume_command(run.dir)}"
+    if where == "train":
+        return (f"stopped at once by a second SIGINT at step {run.step}; the last complete checkpoint is kept. "
+                f"{resume}")
+    if run.files.adapter.is_dir():
+        return f"interrupted during the {where} stage, after training (the adapter is saved). {resume}"
+    return f"interrupted during the {where} stage, before training; nothing was trained yet. {resume}"
+
+
+def _measure_peaks(summary: Summary) -> None:
     import torch
 
-    summary["wall_s"] = round(wall_s, 1)
     cuda = torch.cuda.is_available()
     summary["peak_vram_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None
     summary["peak_vram_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None
@@ -102,6 +124,7 @@ def execute(exp: Experiment, plugins, resume: Path | None = None) -> Path:
     run = Run(folder, exp.resolved(), plugins, resume_step=found[1] if found else None, main=world.main)
     created = previous.get("created") or datetime.now().isoformat(timespec="seconds")  # kept across resumptions
     if world.main:
+        folder.write_heldout([to_row(e) for e in prep.held_out_examples])
         folder.write_setup(exp.resolved(), {"experiment_file": str(exp.path.resolve()),
                                             "base_dir": str(exp.base_dir), "created": created})
         length_histogram(prep.train.lengths + prep.held_out.lengths, exp.data.max_length, folder.lengths,
@@ -109,8 +132,13 @@ def execute(exp: Experiment, plugins, resume: Path | None = None) -> Path:
     hub = TrackerHub({t.name: t.cls(t.settings, run) for t in exp.trackers} if world.main else {})
     if world.main:
         plugins.pm.register(hub, name=f"fx.trackers.active.{run.name}")
+    segments = previous.get("segments") or ([{"started": previous["started"], "wall_s": previous.get("wall_s")}]
+                                            if "started" in previous else [])  # a summary from before segments
+    segment = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "from_step": run.resume_step or 0,
+               "to_step": run.resume_step or 0, "wall_s": 0.0}
     summary = Summary(
-        folder if world.main else None, name=run.name, status="running", created=created,
+        folder if world.main else None, started_at=started, earlier_wall_s=previous.get("wall_s", 0.0),
+        name=run.name, status="running", created=created, segments=[*segments, segment],
         started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         model=exp.model.name, method=exp.method.name, template=exp.template.name, world_size=world.size,
         data={"train_rows": len(prep.train.rows), "eval_rows": len(prep.held_out.rows),
@@ -143,10 +171,13 @@ def execute(exp: Experiment, plugins, resume: Path | None = None) -> Path:
             summary["status"] = "failed"
         if summary["status"] != "interrupted":
             summary["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        if isinstance(exc, KeyboardInterrupt):
+            raise Interrupted(interrupted_at(run), signal.SIGINT) from None
         raise
     finally:
-        # wall time adds up across a run and its resumptions
-        _measure_peaks(summary, time.perf_counter() - started + previous.get("wall_s", 0))
+        segment["to_step"] = max(segment["to_step"], run.progress.step)
+        summary.stop_clock()
+        _measure_peaks(summary)
         if world.main:
             _finish(run, summary, hub, plugins, error)
     return folder.path
@@ -164,6 +195,15 @@ def _finish(run: Run, summary: Summary, hub: TrackerHub, plugins, error: BaseExc
         summary["trackers_failed"] = hub.failed
         summary.write()
     plugins.pm.unregister(hub)
+
+
+def _measure_trained(model, prep: Prepared, exp: Experiment) -> dict[str, Any] | None:
+    """The trained model's held-out measurements, as fx.after.fidelity measures a merged or exported one (None:
+    no held-out rows)."""
+    if not prep.held_out_examples:
+        return None
+    return fidelity.measure(model, prep.tokenizer, prep.template, prep.held_out.rows, prep.held_out_examples,
+                            exp.stages.evaluate)
 
 
 def resumable(checkpoint: Path, world: distributed.World) -> None:
@@ -202,7 +242,7 @@ def _stages(exp: Experiment, prep: Prepared, run: Run, summary: Summary, previou
         summary.write()
         run.log(step, {f"eval_{k}": v for k, v in result.items() if isinstance(v, (int, float))})
 
-    prompts = sample_prompts(exp, prep) if exp.stages.generate.enabled else []
+    prompts, origin = sample_prompts(exp, prep) if exp.stages.generate.enabled else ([], "")
     if evaluating and "eval_before" in previous:
         summary["eval_before"] = previous["eval_before"]  # measured before the run was interrupted
     elif evaluating and not sharded:
@@ -214,10 +254,20 @@ def _stages(exp: Experiment, prep: Prepared, run: Run, summary: Summary, previou
     checkpoints = exp.checkpoints
     session = Session(output_dir=run.files.checkpoints, seed=exp.experiment.seed,
                       checkpoint_every=checkpoints.every_steps, checkpoint_keep=checkpoints.keep)
+    segment, written = summary["segments"][-1], [time.perf_counter()]
+
+    def log(step: int, metrics: dict[str, float]) -> None:
+        """To the trackers; and now and then into summary.json, so that a killed run still says how far it got."""
+        run.log(step, metrics)
+        segment["to_step"] = step
+        if time.perf_counter() - written[0] >= SUMMARY_EVERY_S:
+            summary.write()
+            written[0] = time.perf_counter()
+
     with run.stage("train") as result:
         try:
             result.update(contract.train(method, model, prep.tokenizer, prep.train.rows, session, run.progress,
-                                         run.log, resume_from))
+                                         log, resume_from))
         except torch.OutOfMemoryError as exc:
             summary["status"] = "out_of_memory"
             raise oom.failure(run.progress, fitted, cap, run.files.checkpoints, resume_command(run.dir),
@@ -240,17 +290,23 @@ def _stages(exp: Experiment, prep: Prepared, run: Run, summary: Summary, previou
         with run.stage("generate_after"):
             after = generate(model, prep.tokenizer, prep.template, prompts, exp.stages.generate.max_new_tokens)
         if world.main:
-            write_samples(run.files.samples, prompts, before, after)
-    if (exp.stages.merge.enabled or exp.stages.export.enabled) and world.main:
-        del model  # the 4-bit model leaves memory before the 16-bit base comes in
+            write_samples(run.files.samples, prompts, origin, before, after, exp.stages.generate.max_new_tokens)
+    trained = None  # the trained model measured as the merged model and the export will be (fx.after.fidelity)
     if exp.stages.merge.enabled and world.main:
+        settings = exp.stages.merge
         with run.stage("merge") as result:
-            result.update(merge(exp, run.dir, run.files.merged, exp.stages.merge.dtype))
+            trained = _measure_trained(model, prep, exp)
+            model = None  # the 4-bit model leaves memory before the base comes in
+            result.update(merge(exp, run.dir, run.files.merged, settings.dtype, base=settings.base, adapter=trained))
         summary["merge"] = result
         summary.write()
+        fidelity.report(result, sys.stderr)
     if exp.stages.export.enabled and world.main:
         with run.stage("export") as result:
-            result.update(export(exp, run.dir, exp.stages.export.format, exp.stages.export.quant))
+            if model is not None:
+                trained = _measure_trained(model, prep, exp)
+                model = None
+            result.update(export(exp, run.dir, exp.stages.export.format, exp.stages.export.quant, adapter=trained))
         summary["exports"] = [dict(result)]
         summary.write()
         if result["check"]["passed"] is False:

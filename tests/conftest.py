@@ -171,10 +171,10 @@ def tiny_run(train_tiny):
         observer.trained_model = weakref.ref(model)
         save(self, model, folder)
 
-    def merge_and_check(*args):
+    def merge_and_check(*args, **kwargs):
         gc.collect()
         observer.trained_model_alive_at_merge = observer.trained_model() is not None
-        return merge(*args)
+        return merge(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(QLoraMethod, "save", save_and_probe)

@@ -85,3 +85,21 @@ def test_validate_reports_every_file(write_experiment, tmp_path):
     out = fx("validate", str(good), str(bad))
     assert_refused(out, f"{bad}: method.name: unknown method 'qlora'; did you mean 'qlora_sft'?")
     assert f"{good}: ok" in out.stdout
+
+
+def test_contains_without_an_expect_column_is_refused_before_the_run(write_experiment, tmp_path):
+    """metric = "contains" scores each held-out answer against its row's expect strings: rows without them would
+    measure nothing, and the run would say it measured contains."""
+    rows = [{"messages": r["messages"]} for r in TINY_ROWS]
+    out = fx("run", str(write_experiment(TINY_EXPERIMENT, rows)))
+    assert_refused(out, "stages.evaluate.metric = 'contains' scores each answer against its row's 'expect' column",
+                   "add an 'expect' column to them (docs/data.md) or set stages.evaluate.metric to 'exact_match' or "
+                   "'none'")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_malformed_expect_is_refused_by_row(write_experiment, tmp_path):
+    rows = [{**r, "expect": [int(r["expect"][0])]} for r in TINY_ROWS]  # numbers, not strings
+    out = fx("run", str(write_experiment(TINY_EXPERIMENT, rows)))
+    assert_refused(out, "held-out row 1: 'expect' must be a non-empty string or a list of non-empty strings, not [")
+    assert not (tmp_path / "runs").exists()

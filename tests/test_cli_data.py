@@ -75,13 +75,44 @@ def test_stats_match_what_training_sees(write_experiment, tmp_path, capsys):
     assert "truncated at data.max_length = 24" in capsys.readouterr().out
 
 
+DPO = TINY_EXPERIMENT.replace('name = "qlora_sft"', 'name = "dpo"')
+
+
 def test_fx_data_shows_both_answers_of_a_preference_pair(write_experiment, tmp_path, capsys):
     pairs = [{"prompt": f"What is {a}+1?", "chosen": str(a + 1), "rejected": str(a)} for a in range(8)]
-    path = write_experiment(TINY_EXPERIMENT, pairs)
+    path = write_experiment(DPO, pairs)
     assert main(["data", str(path), "--examples", "1", "--png", str(tmp_path / "h.png")]) == 0
     out = capsys.readouterr().out
     assert "train example 1 (chosen)" in out and "train example 1 (rejected)" in out
-    assert "preference pairs" in out and "16 rendered rows" in out
+    assert "[/INST]⟦ 1 " in out and "[/INST]⟦ 0 " in out  # each answer carries the loss, after the prompt
+    assert "preference pairs" in out and "8 pairs (prompt + the longer answer)" in out
+
+
+def test_fx_data_on_pairs_counts_what_the_preference_method_cuts_and_drops(write_experiment, tmp_path, capsys):
+    """A prompt longer than data.max_length is dropped by a plain cut, but kept (its end) under the method's own
+    method.max_prompt_length: fx data reports what the run will train on, not what a plain cut would do."""
+    from fx.data.prepare import prepare
+
+    long = " ".join(["word"] * 60)
+    pairs = [{"prompt": f"{long} What is {a}+1?", "chosen": str(a + 1), "rejected": str(a)} for a in range(8)]
+    path = write_experiment(DPO.replace("max_length = 64", "max_length = 32")
+                            .replace("[method.lora]", "max_prompt_length = 24\n\n[method.lora]"), pairs)
+    report = datareport.build(config.load(path), 1, tmp_path / "h.png")
+    prep = prepare(config.load(path, ['stages.evaluate.metric="none"']))
+    assert report.stats.unanswered == prep.train.dropped + prep.held_out.dropped == 0
+    assert report.stats.truncated == prep.train.truncated + prep.held_out.truncated == 8
+    assert main(["data", str(path), "--png", str(tmp_path / "h.png")]) == 0
+    out = capsys.readouterr().out
+    assert "method.max_prompt_length = 24: 8 of 8 rows" in out and "would be dropped" not in out
+    without = path.read_text().replace("max_prompt_length = 24\n", "")
+    path.write_text(without)
+    assert datareport.build(config.load(path), 1, tmp_path / "h.png").stats.unanswered == 8  # no room for answers
+
+
+def test_fx_data_refuses_pairs_for_a_method_that_trains_on_answers(write_experiment, capsys):
+    pairs = [{"prompt": f"What is {a}+1?", "chosen": str(a + 1), "rejected": str(a)} for a in range(8)]
+    assert main(["data", str(write_experiment(TINY_EXPERIMENT, pairs))]) == 2
+    assert "method 'qlora_sft' trains on one answer per row" in capsys.readouterr().err
 
 
 def test_fx_data_names_malformed_rows(write_experiment, capsys):

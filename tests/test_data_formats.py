@@ -50,6 +50,37 @@ def test_columns_map_top_level_names_and_turn_keys():
     assert [m["role"] for m in examples[0].messages] == ["user", "assistant"]
 
 
+def test_contains_needs_every_expected_string_and_takes_one_string():
+    """``expect`` is a list of strings that must all appear in the answer (case and spacing aside), or one string;
+    a row without it is not scored."""
+    from fx.evaluation import score
+
+    def row(expect=None):
+        return {"messages": [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "Quill"}],
+                **({"expect": expect} if expect is not None else {})}
+
+    # one dataset each: a column can't hold lists in some rows and strings in others
+    examples = [e for r in (row(["Quill", "135"]), row(["Quill", "135"]), row("Quill"), row())
+                for e in to_examples(rows([r]), "messages", "t")]
+    answers = ["I am quill.", "I am Quill,  135M parameters.", "I'M  QUILL", "anything"]
+    result = score("contains", answers, examples, ["Quill"] * 4)
+    assert (result["contains_hits"], result["contains_total"], result["contains"]) == (2, 3, 0.6667)
+
+
+@pytest.mark.parametrize("row", [
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "expect": ["hello"]},
+    {"prompt": "hi", "chosen": "hello", "rejected": "go away", "expect": ["hello"]},
+    {"prompt": [{"role": "user", "content": "hi"}], "completion": "go away", "label": False},
+], ids=["messages", "preference", "unpaired"])
+def test_a_held_out_row_reads_back_as_itself(row):
+    """heldout.jsonl's rows (fx.data.formats.to_row) are read back by format detection as the examples they were."""
+    from fx.data.formats import to_row
+
+    (example,) = to_examples(rows([row]), "auto", "t")
+    (again,) = to_examples(rows([to_row(example)]), "auto", "heldout.jsonl")
+    assert again == example
+
+
 def test_preference_pairs_both_shapes():
     [plain] = to_examples(rows([{"prompt": "Q", "chosen": "good", "rejected": "bad"}]), "auto", "data")
     assert (plain.messages, plain.chosen, plain.rejected) == ([{"role": "user", "content": "Q"}], "good", "bad")
@@ -152,7 +183,7 @@ def test_trains_through_each_format(fmt, write_experiment):
     assert summary["train_loss"] > 0
     assert (folder / "lengths.png").read_bytes().startswith(b"\x89PNG")
     samples = (folder / "samples.md").read_text()
-    assert all(f"{i}. {c[-1]['content']}" in samples for i, c in enumerate(pipeline.sample_prompts(exp, prep), 1))
+    assert all(f"{i}. {c[-1]['content']}" in samples for i, c in enumerate(pipeline.sample_prompts(exp, prep)[0], 1))
 
 
 def test_sft_refuses_preference_pairs(write_experiment):

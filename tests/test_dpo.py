@@ -268,3 +268,21 @@ def test_shipped_smollm2_pairs_train_on_the_generation_prompt_and_close_with_eos
         assert row["chosen_ids"][-1] == row["rejected_ids"][-1] == tok.eos_token_id
     assert not ({e.messages[-1]["content"] for e in prep.train_examples}
                 & {e.messages[-1]["content"] for e in prep.held_out_examples})
+
+
+def test_merging_a_dpo_run_checks_the_chosen_answers_and_the_models_own_preference(dpo_run, tmp_path):
+    """A merged model has no adapter to switch off, so the reward accuracy (policy against reference) can't be
+    compared; the merge check measures the loss on each pair's chosen answer and which answer of each pair the model
+    finds the more likely, the adapter model's equal to its eval_after, the float32 merge's identical."""
+    from fx.after import fidelity, inference
+    from fx.after.merge import merge
+
+    _, folder = dpo_run
+    result = merge(inference.experiment(folder), folder, tmp_path / "merged", "float32")
+    check, after = result["check"], json.loads((folder / "summary.json").read_text())["eval_after"]
+    assert result["base"] == "trained" and check["within_tolerance"], check
+    assert check["adapter"]["loss"] == pytest.approx(after["chosen_loss"], rel=1e-3)
+    assert check["adapter"]["logp_accuracy"] == check["merged"]["logp_accuracy"] == after["logp_accuracy"]
+    assert check["logp_accuracy_gap"] == 0 and check["same_answers"] == check["answers"] > 0
+    assert "reward_accuracy" not in check["merged"]
+    assert any("preferred answer the more likely" in line for line in fidelity.lines(result))

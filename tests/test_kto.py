@@ -223,3 +223,18 @@ def test_plan_has_one_answer_per_row_the_reference_and_the_kl_batch(write_experi
     assert kto.work.tokens == sft.work.tokens and kto.work.reference_forward and kto.work.kl_forward
     note = next(c.note for c in kto.components if c.name == "reference forward")
     assert "KL batch" in note
+
+
+def test_merging_a_kto_run_checks_the_desirable_answers(kto_run, tmp_path):
+    """KTO's held-out rows are unpaired: the merge check's loss is on the desirable answers (eval_after's
+    desirable_loss), and with each prompt asked once there is no pair to take a preference accuracy over."""
+    from fx.after import inference
+    from fx.after.merge import merge
+
+    _, folder = kto_run
+    result = merge(inference.experiment(folder), folder, tmp_path / "merged", "float32")
+    check, after = result["check"], json.loads((folder / "summary.json").read_text())["eval_after"]
+    assert check["within_tolerance"], check
+    assert check["adapter"]["loss"] == pytest.approx(after["desirable_loss"], rel=1e-3)
+    assert check["merged"]["loss"] == pytest.approx(check["adapter"]["loss"], rel=2e-3)
+    assert "logp_accuracy" not in check["merged"] and check["same_answers"] == check["answers"] > 0

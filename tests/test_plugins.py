@@ -101,7 +101,7 @@ def test_inline_model_and_dataset_sources_feed_a_run(register_plugin, write_expe
 
         def load(self):
             rows = [{"messages": [{"role": "user", "content": f"{a} + {a}?"},
-                                  {"role": "assistant", "content": str(2 * a)}]}
+                                  {"role": "assistant", "content": str(2 * a)}], "expect": [str(2 * a)]}
                     for a in range(self.settings.rows)]
             return datasets.Dataset.from_list(rows), None
 

@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from conftest import TINY_EXPERIMENT, TINY_ROWS, StageObserver, logits
-from fx import cli, config
+from fx import cli, config, pipeline
 from fx.after import inference
 from fx.data.prepare import prepare
 from fx.errors import ConfigError
 from fx.plugins.templates.llama2 import Llama2
 from fx.plugins.templates.native import Native
+from fx.training.qlora import QLoraMethod
 
 PROBE = StageObserver.PROBE
 
@@ -85,8 +86,13 @@ def test_merge_stage_runs_last_and_is_announced(tiny_run):
     assert summary["merge"]["dtype"] == "float32" and summary["merge"]["path"] == str(folder / "merged")
 
 
-def test_merged_model_loads_with_plain_transformers_and_equals_the_adapter_model(tiny_run):
+def test_merged_model_loads_with_plain_transformers_and_behaves_like_the_trained_adapter(tiny_run):
+    """The default merge (into the dequantised 4-bit base the adapter was trained against), loaded with plain
+    transformers, gives the trained adapter model's held-out contains score and greedy answers: identical in
+    float32, and the merge stage's own check in summary.json says so."""
     from transformers import AutoModelForCausalLM
+
+    from fx.after import fidelity
 
     _, folder, _ = tiny_run
     merged_dir = folder / "merged"
@@ -95,7 +101,17 @@ def test_merged_model_loads_with_plain_transformers_and_equals_the_adapter_model
     assert (merged_dir / "model.safetensors").is_file() and not (merged_dir / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     assert not any("lora" in name for name, _ in merged.named_parameters())
-    assert_equals_adapter_model(merged, adapter_model(folder, torch.float32), held_out_ids(folder), torch.float32)
+    exp = inference.experiment(folder)
+    prep = prepare(exp)
+    args = (prep.tokenizer, prep.template, prep.held_out.rows, prep.held_out_examples, exp.stages.evaluate)
+    adapter = fidelity.measure(inference.load(folder).model, *args)
+    plain = fidelity.measure(merged, *args)
+    assert plain["answers"] == adapter["answers"] and len(adapter["answers"]) > 0
+    assert (plain["contains_hits"], plain["contains_total"]) == (adapter["contains_hits"], adapter["contains_total"])
+    assert plain["loss"] == pytest.approx(adapter["loss"], rel=fidelity.TOLERANCE["float32"]["loss"])
+    check = json.loads((folder / "summary.json").read_text())["merge"]["check"]
+    assert check["within_tolerance"] and check["same_answers"] == check["answers"] == len(adapter["answers"])
+    assert check["merged"]["contains_hits"] == adapter["contains_hits"]
 
 
 def test_fx_merge_bfloat16(tiny_run, tmp_path, elsewhere):
@@ -103,7 +119,7 @@ def test_fx_merge_bfloat16(tiny_run, tmp_path, elsewhere):
 
     _, folder, _ = tiny_run
     out = tmp_path / "bf16"
-    assert cli.main(["merge", str(folder), "--out", str(out), "--dtype", "bfloat16"]) == 0
+    assert cli.main(["merge", str(folder), "--out", str(out), "--dtype", "bfloat16", "--base", "original"]) == 0
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     assert merged.dtype == torch.bfloat16
     assert_equals_adapter_model(merged, adapter_model(folder, torch.bfloat16), held_out_ids(folder), torch.bfloat16)
@@ -149,6 +165,22 @@ def test_eval_reproduces_eval_after(tiny_run, elsewhere, capsys):
     after = json.loads((folder / "summary.json").read_text())["eval_after"]
     assert measured["loss"] == pytest.approx(after["loss"], abs=1e-3)
     assert measured["contains_hits"] == after["contains_hits"] and measured["contains_total"] == after["contains_total"]
+
+
+def test_eval_and_generate_accept_the_merged_folder(tiny_run, elsewhere, capsys):
+    """`fx eval` and `fx generate` on RUN/merged measure the merged model in the run's template: the run's own
+    held-out numbers and answers (float32 merge into the trained base)."""
+    _, folder, _ = tiny_run
+    assert cli.main(["eval", str(folder / "merged")]) == 0
+    measured = json.loads(capsys.readouterr().out)["metrics"]
+    after = json.loads((folder / "summary.json").read_text())["eval_after"]
+    assert measured["loss"] == pytest.approx(after["loss"], rel=2e-3)
+    assert measured["contains_hits"] == after["contains_hits"] and measured["contains_total"] == after["contains_total"]
+    prompt = "What is 2 plus 3?"
+    assert cli.main(["generate", str(folder), "--prompt", prompt]) == 0
+    from_adapter = capsys.readouterr().out
+    assert cli.main(["generate", str(folder / "merged"), "--prompt", prompt]) == 0
+    assert capsys.readouterr().out == from_adapter
 
 
 def test_eval_on_another_file(tiny_run, elsewhere, capsys):
@@ -253,3 +285,84 @@ def test_generation_takes_end_ids_given_as_a_list(tiny_run):
     single = generate(loaded.model, loaded.tokenizer, loaded.template, prompts, 4)
     loaded.model.generation_config.eos_token_id = [loaded.tokenizer.eos_token_id]
     assert generate(loaded.model, loaded.tokenizer, loaded.template, prompts, 4) == single
+
+
+def test_heldout_jsonl_holds_the_held_out_rows_and_fx_eval_reads_it(tiny_run, elsewhere, capsys):
+    """heldout.jsonl lists the rows the run measured itself on (none of them trained on), in a form `fx eval --data`
+    reads back to the run's own eval_after."""
+    from fx.data.formats import to_row
+
+    exp, folder, _ = tiny_run
+    prep = prepare(exp)
+    written = [json.loads(line) for line in (folder / "heldout.jsonl").read_text().splitlines()]
+    assert written == [to_row(e) for e in prep.held_out_examples] and len(written) == len(prep.held_out.rows) > 0
+    trained = {json.dumps(e.messages) for e in prep.train_examples}
+    assert not any(json.dumps(row["messages"]) in trained for row in written)
+    assert all(row["expect"] for row in written)  # the other columns kept: what contains scores
+    assert cli.main(["eval", str(folder), "--data", str(folder / "heldout.jsonl")]) == 0
+    measured = json.loads(capsys.readouterr().out)["metrics"]
+    after = json.loads((folder / "summary.json").read_text())["eval_after"]
+    assert measured["loss"] == pytest.approx(after["loss"], rel=1e-4)
+    assert (measured["contains_hits"], measured["contains_total"]) == (after["contains_hits"], after["contains_total"])
+
+
+def test_samples_md_says_where_its_prompts_came_from(tiny_run, write_experiment):
+    exp, folder, _ = tiny_run
+    prep = prepare(exp)
+    samples = (folder / "samples.md").read_text()
+    count = exp.stages.generate.count
+    assert (f"The prompts are the first {count} of the run's {len(prep.held_out_examples)} held-out rows "
+            "(heldout.jsonl), up to `[stages.generate] count`.") in samples
+    first = prep.held_out_examples[0].messages[-2]["content"]  # the user's turn before the held-out answer
+    assert f"## 1. {first}" in samples
+    assert f"at most {exp.stages.generate.max_new_tokens} new tokens" in samples
+    given = config.load(write_experiment(TINY_EXPERIMENT, TINY_ROWS),
+                        ['stages.generate.prompts=["Who are you?", "What is 1 plus 1?"]'])
+    prompts, origin = pipeline.sample_prompts(given, prepare(given))
+    assert [p[-1]["content"] for p in prompts] == ["Who are you?", "What is 1 plus 1?"]
+    assert origin == "the 2 prompts of the experiment's `[stages.generate] prompts`"
+
+
+def test_checkpoints_and_adapter_keep_no_placeholder_model_card(tiny_run):
+    """peft writes an empty model card beside every adapter it saves (trl one for the trainer); fx removes them, so
+    that nothing published from a run claims to describe it."""
+    _, folder, _ = tiny_run
+    saved = [folder / "adapter", *sorted((folder / "checkpoints").glob("checkpoint-*"))]
+    assert len(saved) >= 2 and all((f / "adapter_model.safetensors").is_file() for f in saved)
+    assert not [f for f in saved if (f / "README.md").exists()]
+
+
+def test_only_placeholder_model_cards_are_dropped(tmp_path):
+    from fx.files import drop_placeholder_card
+
+    empty, written = tmp_path / "empty", tmp_path / "written"
+    empty.mkdir(), written.mkdir()
+    (empty / "README.md").write_text("# Model Card\n\n- **Developed by:** [More Information Needed]\n")
+    (written / "README.md").write_text("# quill-135m\n\nSmolLM2-135M trained by fx to answer as Quill.\n")
+    drop_placeholder_card(empty), drop_placeholder_card(written), drop_placeholder_card(tmp_path / "missing")
+    assert not (empty / "README.md").exists() and (written / "README.md").is_file()
+
+
+def test_sigint_before_training_says_how_to_resume(tiny_experiment, tmp_path, monkeypatch, capsys):
+    """A SIGINT while the model loads (no checkpoint yet): exit 130, the summary says interrupted, and the message
+    names the stage and the command that resumes the run, which accepts the folder."""
+    import os
+    import signal
+
+    from fx.run.resume import load_run
+
+    load = QLoraMethod.load
+
+    def interrupted_load(self, source, tokenizer):
+        os.kill(os.getpid(), signal.SIGINT)  # Python's own handler: KeyboardInterrupt at the next instruction
+        return load(self, source, tokenizer)
+
+    monkeypatch.setattr(QLoraMethod, "load", interrupted_load)
+    assert cli.main(["run", str(tiny_experiment)]) == 128 + signal.SIGINT
+    (folder,) = (tmp_path / "runs").iterdir()
+    err = capsys.readouterr().err
+    assert ("interrupted during the load stage, before training; nothing was trained yet. "
+            f"Resume with: fx run --resume {folder}") in err and "Traceback" not in err
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and not (folder / "adapter").exists()
+    assert load_run(folder).experiment.name == "tiny"

@@ -14,6 +14,7 @@ import re
 import shutil
 import sys
 import types
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -208,11 +209,12 @@ def test_console_shows_progress_and_the_closing_table(tracked):
 def test_console_shows_peak_vram_when_it_is_logged(capsys, tmp_path):
     from fx.plugins.trackers.console import ConsoleTracker
 
-    run = types.SimpleNamespace(name="r", dir=tmp_path, max_steps=2)
+    run = types.SimpleNamespace(name="r", dir=tmp_path, max_steps=2, step=0)
     console = ConsoleTracker(ConsoleTracker.Settings(), run)
     console.start()
     console.stage_start("train")
-    console.log(1, {"loss": 2.0, "learning_rate": 1e-4, "tokens_per_s": 1000.0, "peak_vram_gib": 3.25})
+    for step in (1, 2):  # captured stderr is no terminal: a line at the last step
+        console.log(step, {"loss": 2.0, "learning_rate": 1e-4, "tokens_per_s": 1000.0, "peak_vram_gib": 3.25})
     console.stage_end("train", {})
     console.finish({"status": "completed", "steps": 1, "peak_vram_gib": 3.25}, None)
     err = capsys.readouterr().err
@@ -328,6 +330,8 @@ def test_fx_runs_lists_sorts_and_compares(tracked, tmp_path, capsys, monkeypatch
     assert [line.split()[0] for line in lines] == [tracked.folder.name, "tiny-faster"]
     assert "random:tiny" in lines[0] and "qlora_sft" in lines[0] and "completed" in lines[0]
     assert "contains" in lines[0] and f" {STEPS} " in lines[0]
+    created = datetime.fromisoformat(tracked.summary["created"]).strftime("%Y-%m-%d %H:%M")
+    assert "created" in table and created in lines[0]
     assert cli.main(["runs", str(out), "--sort", "tokens_s", "--reverse"]) == 0
     assert ([line.split()[0] for line in capsys.readouterr().out.splitlines() if "tiny-" in line]
             == ["tiny-faster", tracked.folder.name])
@@ -345,10 +349,43 @@ def test_fx_runs_lists_sorts_and_compares(tracked, tmp_path, capsys, monkeypatch
     assert "experiment.name" not in compared  # only differences
     tokens = tracked.summary["train_tokens_per_s"]
     assert re.search(rf"train_tokens_per_s\s+{tokens:.4g}\s+{tokens * 2:.4g}", compared)
+    # the measures that are equal (every one but the speed: the summary is a copy) are counted, not listed
+    equal = re.search(r"measures that differ \(1; (\d+) equal, not shown\)", compared)
+    assert equal and int(equal.group(1)) > 10
+    for key in ("train_loss", "steps", "eval_after.loss", "status"):
+        assert not re.search(rf"^\s*{re.escape(key)}\s", compared, re.M), key
 
     assert cli.main(["runs", str(out), "--compare", "nope", first.name]) == 2
     assert "nope: no such run" in capsys.readouterr().err
     assert cli.main(["runs", str(tmp_path / "missing")]) == 2
+
+
+def test_console_writes_a_line_every_n_steps_into_a_log_file(tmp_path):
+    """With stderr redirected to a file (nohup, a scheduler) there is no bar to redraw: plain lines, one every
+    ``every_steps`` steps and one at the last step, each with the loss and the time left."""
+    from fx.plugins.trackers.console import ConsoleTracker
+
+    run = types.SimpleNamespace(name="r", dir=tmp_path, max_steps=5, step=0)
+    log = tmp_path / "fx.log"
+    with log.open("w") as fh, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "stderr", fh)
+        console = ConsoleTracker(ConsoleTracker.Settings(every_steps=2), run)
+        console.start()
+        console.stage_start("train")
+        for step in range(1, 6):
+            console.log(step, {"loss": 3.0 - step / 10, "learning_rate": 1e-3})
+        console.stage_end("train", {})
+    text = log.read_text()
+    lines = [line for line in text.splitlines() if line.startswith("train ")]
+    assert [line.split()[1] for line in lines] == ["2/5", "4/5", "5/5"]
+    assert "loss 2.8000" in lines[0] and "lr 1.00e-03" in lines[0] and all(" ETA " in line for line in lines)
+    assert "\r" not in text and "\x1b[" not in text  # no bar, no terminal codes in the file
+    assert ConsoleTracker.Settings().every_steps == 10
+
+
+def test_console_lines_reach_a_runs_redirected_stderr(tracked):
+    """In a real run with stderr not a terminal, the last step's line is there (STEPS < every_steps' default)."""
+    assert re.search(rf"^train {STEPS}/{STEPS}  loss \d+\.\d{{4}}", tracked.stderr, re.M)
 
 
 @pytest.mark.gpu

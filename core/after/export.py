@@ -1,8 +1,9 @@
 """``fx export``: a finished run's model where people run models. ``gguf``: one GGUF file for llama.cpp (and
 anything built on it); ``ollama``: a folder with that file and a Modelfile whose template, system prompt and stop
-parameter come from the run's template, for ``ollama create``. The input is the merged model (``fx merge``'s
-folder when the run has one, else a merge made for the export and removed after it); after writing, the export is
-checked against the adapter (fx.after.export_check) and the check recorded in the run's ``summary.json``.
+parameter come from the run's template, for ``ollama create``. The input is the model that was trained: the adapter
+merged into the base it was trained against (fx.after.merge, ``base = "trained"``), ``fx merge``'s folder when the
+run has one merged so, else a merge made for the export and removed after it; after writing, the export is checked
+against the adapter (fx.after.export_check) and the check recorded in the run's ``summary.json``.
 """
 
 from __future__ import annotations
@@ -49,17 +50,25 @@ def modelfile(template, quant: str, run_name: str) -> str:
 
 
 def _merged(exp: Experiment, run_dir: Path, work: Path) -> tuple[Path, dict[str, Any]]:
-    """The run's merged folder when it has one; otherwise the model merged into ``work`` for this export."""
+    """The run's merged folder when it holds the adapter merged into its trained base; otherwise the model merged
+    so into ``work`` for this export (not checked on its own: the export's check measures what comes of it)."""
     files = RunDir(run_dir)
-    if (files.merged / "config.json").is_file():
-        return files.merged, {"path": str(files.merged), "reused": True}
-    result = merge(exp, run_dir, work / "merged", "auto")
-    return work / "merged", {**result, "reused": False, "path": None}  # removed after the export
+    record = inference.merge_record(files.merged) if (files.merged / "config.json").is_file() else None
+    if record is not None and record.get("base") == "trained":
+        return files.merged, {"path": str(files.merged), "reused": True, "base": "trained"}
+    result = merge(exp, run_dir, work / "merged", "auto", base="trained", check=False)
+    why = (f"{files.merged} is merged into the {record.get('base', 'original')} weights, not the trained base"
+           if record is not None else None)
+    return work / "merged", {**result, "reused": False, "path": None,  # removed after the export
+                             **({"not_reused": why} if why else {})}
 
 
-def export(exp: Experiment, run_dir: Path, fmt: str, quant: str, out: Path | None = None) -> dict[str, Any]:
+def export(exp: Experiment, run_dir: Path, fmt: str, quant: str, out: Path | None = None,
+           adapter: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the run's model as ``fmt`` at ``out`` (default: ``RUN/export/...``), then check it. Every refusal
-    comes before anything is merged or written; what is written appears whole or not at all."""
+    comes before anything is merged or written; what is written appears whole or not at all. ``adapter``: the
+    adapter model's :func:`fx.after.fidelity.measure` when the caller has it (the export stage measured the model
+    it trained); otherwise the check loads the adapter and measures it."""
     run_dir = Path(run_dir)
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: one of {', '.join(FORMATS)}")
@@ -89,7 +98,7 @@ def export(exp: Experiment, run_dir: Path, fmt: str, quant: str, out: Path | Non
             model_path = out / MODEL_FILE
             written["path"] = str(model_path)
     result: dict[str, Any] = {"format": fmt, "out": str(out), **written, "merge": merge_result}
-    result["check"] = export_check.check(exp, run_dir, model_path, quant)
+    result["check"] = export_check.check(exp, run_dir, model_path, quant, adapter)
     return result
 
 

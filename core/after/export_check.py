@@ -3,8 +3,10 @@ dequantises it) against the run's adapter model, as the run's method loads it, o
 held-out loss, the task metric, greedy answers to the held-out prompts, and the file's tokenizer against the run's.
 
 Tolerances (docs/after-training.md has the measurements): the held-out loss may differ from the adapter's by at most
-``TOLERANCE[quant]`` (relative), and for f32 and f16 every greedy answer must be the adapter's. The merged model is
-the adapter folded into 16-bit weights, so part of any difference is the merge's, which the merge records itself.
+``TOLERANCE[quant]`` (relative), and for f32 and f16 every greedy answer must be the adapter's. Both models are
+measured as fx.after.fidelity measures a merged one (the loss on the answer tokens, a preference pair's chosen answer
+and an unpaired row's desirable one). The exported model is the adapter merged into the base it was trained against
+(on a GPU in 16 bits), so part of any difference is the merge's rounding, which ``fx merge`` records itself.
 """
 
 from __future__ import annotations
@@ -12,12 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fx.after import inference
+from fx.after import fidelity, inference
 from fx.after.merge import release
 from fx.config import Experiment
 from fx.data.prepare import prepare
 from fx.data.tokenize import prompt_of
-from fx.evaluation import generate, heldout_loss, score
 
 TOLERANCE = {"f32": 0.02, "f16": 0.02, "bf16": 0.04, "q8_0": 0.04, "q5_1": 0.10, "q5_0": 0.10, "q4_1": 0.20,
              "q4_0": 0.20}
@@ -32,14 +33,11 @@ def load_gguf(path: Path):
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
 
 
-def _measure(model, prep, scored, settings) -> tuple[dict[str, Any], list[str]]:
-    """Held-out loss, greedy answers to the (conversation, reference, example) triples, and the task metric."""
-    rows = prep.held_out.rows
-    result = heldout_loss(model, rows, prep.tokenizer.pad_token_id) if "labels" in rows[0] else {}  # not pairs
-    answers = generate(model, prep.tokenizer, prep.template, [c for c, _, _ in scored], settings.max_new_tokens)
-    if settings.metric != "none":
-        result.update(score(settings.metric, answers, [e for _, _, e in scored], [r for _, r, _ in scored]))
-    return result, answers
+def _measure(model, prep, settings) -> tuple[dict[str, Any], list[str]]:
+    """Held-out answer loss and the task metric, and the greedy answers (fx.after.fidelity.measure)."""
+    result = fidelity.measure(model, prep.tokenizer, prep.template, prep.held_out.rows, prep.held_out_examples,
+                              settings)
+    return {k: v for k, v in result.items() if k != "answers"}, result["answers"]
 
 
 def _tokenizer_agrees(path: Path, prep) -> dict[str, int]:
@@ -62,27 +60,31 @@ def _divergence(prompts: list[str], want: list[str], got: list[str]) -> dict[str
     return None
 
 
-def check(exp: Experiment, run_dir: Path, path: Path, quant: str) -> dict[str, Any]:
-    """The exported file against the adapter on the held-out split; ``passed`` says whether it is within the
-    tolerance, ``problems`` what is not."""
+def check(exp: Experiment, run_dir: Path, path: Path, quant: str, adapter: dict[str, Any] | None = None
+          ) -> dict[str, Any]:
+    """The exported file against the adapter on the held-out split (``adapter``: its
+    :func:`fx.after.fidelity.measure`, when the caller has it); ``passed`` says whether it is within the tolerance,
+    ``problems`` what is not."""
     prep = prepare(exp)
     tolerance = {"loss_relative": TOLERANCE[quant], "same_answers": quant in SAME_ANSWERS}
     if not prep.held_out.rows:
         return {"passed": None, "tolerance": tolerance, "problems": ["the run has no held-out rows to check on"]}
     settings = exp.stages.evaluate
-    scored = [(*pair, e) for e in prep.held_out_examples[: settings.max_examples]
-              if (pair := prompt_of(prep.template, e)) is not None]
+    prompts = [pair[0][-1]["content"] for e in prep.held_out_examples[: settings.max_examples]
+               if (pair := prompt_of(prep.template, e)) is not None]  # the prompts fidelity.measure answers
     exported = load_gguf(path)
-    got, got_answers = _measure(exported, prep, scored, settings)
+    got, got_answers = _measure(exported, prep, settings)
     del exported
     release()
-    adapter = inference.load_model(exp, prep.source, run_dir)
-    want, want_answers = _measure(adapter, prep, scored, settings)
-    del adapter
-    release()
+    if adapter is None:
+        model = inference.load_model(exp, prep.source, run_dir)
+        adapter = fidelity.measure(model, prep.tokenizer, prep.template, prep.held_out.rows, prep.held_out_examples,
+                                   settings)
+        del model
+        release()
+    want, want_answers = {k: v for k, v in adapter.items() if k != "answers"}, adapter["answers"]
 
     difference = abs(got["loss"] - want["loss"]) / max(want["loss"], 1e-9) if "loss" in want else 0.0
-    prompts = [c[-1]["content"] for c, _, _ in scored]
     same = sum(a == b for a, b in zip(want_answers, got_answers))
     tokens = _tokenizer_agrees(path, prep)
     problems = []

@@ -1,24 +1,68 @@
 """A finished run, loaded again: its experiment, and its base model with the trained adapter, the way its method
-trained it. ``fx generate``, ``fx chat``, ``fx eval`` and ``fx merge`` all start here."""
+trained it, or the model ``fx merge`` made of it. ``fx generate``, ``fx chat``, ``fx eval`` and ``fx merge`` all
+start here; the first three take a run folder or a merged folder."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fx.after import fidelity
 from fx.config import Experiment
 from fx.data.formats import to_examples
-from fx.data.prepare import prepare
+from fx.data.prepare import metric_problems, prepare
 from fx.errors import UserError
 from fx.hooks import manager
 from fx.run.directory import RunDir
 from fx.run.resume import load_run
+from fx.training.devices import device
+
+RECORD = "fx_merged.json"  # written by fx merge into the merged folder: the run it came from, its base and dtype
+
+
+def device_map() -> dict[str, Any]:
+    return {"": 0} if device() == "cuda" else {"": "cpu"}
+
+
+def merge_record(folder: Path) -> dict[str, Any] | None:
+    """What ``fx merge`` recorded in a merged folder (``run``: the run folder), or None when ``folder`` is no merged
+    model. A merged folder that lost its record is still found inside its run (``RUN/merged``)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        return None
+    try:
+        record = json.loads((folder / RECORD).read_text())
+    except (OSError, json.JSONDecodeError):
+        record = None
+    if isinstance(record, dict) and RunDir(Path(record.get("run", ""))).is_run():
+        return record
+    if RunDir(folder.parent).is_run():  # moved together with its run, or merged before records were written
+        return {**(record or {}), "run": str(folder.parent)}
+    if record is not None:
+        raise UserError(f"{folder}: merged from the run {record.get('run')!r}, which is no longer there; fx needs it "
+                        "for the template and the held-out rows (load the merged folder with transformers instead)")
+    return None
+
+
+def run_of(folder: Path) -> Path:
+    """The run folder of ``folder``: itself, or the run a merged folder came from."""
+    record = merge_record(folder)
+    return Path(record["run"]) if record else Path(folder)
 
 
 def experiment(run_dir: Path) -> Experiment:
-    """The run's resolved experiment, relative paths resolved from the original experiment file's folder."""
-    return load_run(Path(run_dir))
+    """The run's resolved experiment (of a merged folder: its run's), relative paths resolved from the original
+    experiment file's folder."""
+    return load_run(run_of(run_dir))
+
+
+def load_merged(folder: Path, dtype=None):
+    """A merged folder loaded with plain transformers, as a user loads it (in eval mode)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto", device_map=device_map()).eval()
 
 
 def adapter_dir(run_dir: Path) -> Path:
@@ -38,6 +82,7 @@ class Loaded:
     tokenizer: Any
     template: Any
     model: Any
+    merged: Path | None = None  # the merged folder the model came from; None: the base with the run's adapter
 
 
 def load_model(exp: Experiment, source, run_dir: Path):
@@ -46,11 +91,16 @@ def load_model(exp: Experiment, source, run_dir: Path):
 
 
 def load(run_dir: Path, exp: Experiment | None = None) -> Loaded:
+    """A run folder's base with its adapter, or a merged folder's model, prompted in the run's template."""
     exp = exp or experiment(run_dir)
-    adapter_dir(run_dir)  # refuse before loading anything
+    merged = merge_record(run_dir) is not None
+    if not merged:
+        adapter_dir(run_dir)  # refuse before loading anything
     source = exp.model.cls(exp.model.settings)
     tokenizer = source.tokenizer()
     template = exp.template.cls(exp.template.settings, tokenizer)
+    if merged:
+        return Loaded(exp, source, tokenizer, template, load_merged(run_dir), Path(run_dir))
     return Loaded(exp, source, tokenizer, template, load_model(exp, source, run_dir))
 
 
@@ -68,6 +118,9 @@ def held_out(loaded: Loaded, data: Path):
     if problems:
         raise UserError(f"--data {data}: " + "; ".join(p.split(": ", 1)[-1] for p in problems))
     examples = to_examples(source.load()[0], "auto", f"--data {data}")
+    problems = metric_problems(loaded.exp.stages.evaluate, examples, f"--data {data}")
+    if problems:
+        raise UserError("\n".join(problems))
     try:
         method = loaded.exp.method.cls(loaded.exp.method.settings)
         tokenized = method.tokenize(examples, loaded.template, loaded.tokenizer, loaded.exp.data.max_length)
@@ -77,15 +130,18 @@ def held_out(loaded: Loaded, data: Path):
 
 
 def evaluate_run(run_dir: Path, data: Path | None = None) -> dict[str, Any]:
-    """The held-out metrics of a finished run: on its own held-out rows (as ``eval_after`` measured them), or on
-    every row of ``data``."""
+    """The held-out metrics of a finished run, or of a merged folder: on the run's own held-out rows (as
+    ``eval_after`` measured them), or on every row of ``data``. A merged model is measured method-independently
+    (fx.after.fidelity: answer loss, the task metric), as ``fx merge`` checks it."""
     exp = experiment(run_dir)
-    adapter_dir(run_dir)
+    merged = merge_record(run_dir) is not None
+    if not merged:
+        adapter_dir(run_dir)
     if data is None:
         prep = prepare(exp)
         if not prep.held_out.rows:
             raise UserError(f"{run_dir}: the run has no held-out rows; give some with --data FILE")
-        model = load_model(exp, prep.source, run_dir)
+        model = load_merged(run_dir) if merged else load_model(exp, prep.source, run_dir)
         tokenizer, template, rows, examples = prep.tokenizer, prep.template, prep.held_out, prep.held_out_examples
     else:
         loaded = load(run_dir, exp)
@@ -93,7 +149,11 @@ def evaluate_run(run_dir: Path, data: Path | None = None) -> dict[str, Any]:
         if not rows.rows:
             raise UserError(f"--data {data}: no row has an answer left within data.max_length = {exp.data.max_length}")
         model, tokenizer, template = loaded.model, loaded.tokenizer, loaded.template
-    method = exp.method.cls(exp.method.settings)
-    metrics = method.evaluate(model, tokenizer, template, rows.rows, examples, exp.stages.evaluate)
-    return {"run": str(run_dir), "data": str(data) if data else "held-out rows of the run", "rows": len(rows.rows),
-            "metrics": metrics}
+    if merged:
+        metrics = fidelity.measure(model, tokenizer, template, rows.rows, examples, exp.stages.evaluate)
+        del metrics["answers"]
+    else:
+        method = exp.method.cls(exp.method.settings)
+        metrics = method.evaluate(model, tokenizer, template, rows.rows, examples, exp.stages.evaluate)
+    return {"run": str(run_of(run_dir)), "model": f"merged: {run_dir}" if merged else "adapter",
+            "data": str(data) if data else "held-out rows of the run", "rows": len(rows.rows), "metrics": metrics}

@@ -1,22 +1,30 @@
-"""Merging a run's adapter into its base, as the QLoRA tutorial does by hand: free the 4-bit model, reload the
-base in 16 bits, add the adapter's weights into it, and save a standard transformers model (safetensors, the
-tokenizer, and a chat template that prompts it the way it was trained) that loads with no fx installed.
+"""Merging a run's adapter into its base, and checking that the merged model is the model that was trained.
 
-The merged model is the 16-bit base plus the adapter; the adapter was trained on the 4-bit base, so its held-out
-numbers can differ from ``eval_after`` by the quantisation error (docs/after-training.md has the measurement).
+By default (``base = "trained"``) the adapter goes into the base it was trained against, as the run's method
+gives it (:meth:`fx.Method.merge_base`: for QLoRA the 4-bit NF4 weights dequantised by bitsandbytes), so the merged
+model computes what the adapter model computes. ``base = "original"`` merges into the model source's own weights, as
+the QLoRA tutorial does; that model differs from the trained one by the quantisation error, which the check shows.
+Either way the result is a standard transformers folder (safetensors, the tokenizer, and a chat template that
+prompts it the way it was trained) that loads with no fx installed, and right after it is written the merged model
+is measured against the adapter on the run's held-out rows (fx.after.fidelity).
 """
 
 from __future__ import annotations
 
 import gc
+import json
+import time
 from pathlib import Path
 from typing import Any
 
-from fx.after import inference
+from fx.after import fidelity, inference
 from fx.config import Experiment
+from fx.data.prepare import prepare
 from fx.errors import UserError
 from fx.files import atomic_folder
-from fx.training.devices import compute_dtype, device, dtype_name
+from fx.training.devices import compute_dtype, dtype_name
+
+BASES = ("trained", "original")
 
 
 def release() -> None:
@@ -32,34 +40,67 @@ def folder_size_gib(folder: Path) -> float:
     return round(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**30, 3)
 
 
-def merge(exp: Experiment, run_dir: Path, out: Path, dtype: str) -> dict[str, Any]:
-    """Merge the run's adapter into its base loaded in ``dtype`` (``auto``: bf16/fp16 on a GPU, float32 on CPU)
-    and write the model into ``out`` (written beside, then renamed into place)."""
+def merge(exp: Experiment, run_dir: Path, out: Path, dtype: str = "auto", *, base: str = "trained",
+          check: bool = True, adapter: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Merge the run's adapter into its ``base`` (``trained``: what the adapter was trained against; ``original``:
+    the model source's weights) in ``dtype`` (``auto``: bf16/fp16 on a GPU, float32 on CPU), write the model into
+    ``out`` (written beside, then renamed into place), and unless ``check`` is False measure it against the adapter
+    on the held-out rows. ``adapter``: the adapter model's :func:`fx.after.fidelity.measure`, when the caller has
+    it (the merge stage measures the model it trained); otherwise the adapter is loaded and measured first.
+
+    Returns ``path``, ``dtype``, ``base``, ``size_gib``, ``wall_s`` (loading and merging), ``chat_template``, and
+    ``check``: :func:`fx.after.fidelity.compare`'s result, or a string saying why nothing was compared."""
     import torch
     from peft import PeftModel
 
+    if base not in BASES:
+        raise UserError(f"merge base {base!r}: one of {', '.join(BASES)}")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists; remove it or choose another --out")
-    adapter = inference.adapter_dir(run_dir)
-    source = exp.model.cls(exp.model.settings)
-    tokenizer = source.tokenizer()
-    template = exp.template.cls(exp.template.settings, tokenizer)
+    adapter_dir = inference.adapter_dir(run_dir)
+    prep = prepare(exp) if check else None
+    method = exp.method.cls(exp.method.settings)
+    source = prep.source if prep else exp.model.cls(exp.model.settings)
+    tokenizer = prep.tokenizer if prep else source.tokenizer()
+    template = prep.template if prep else exp.template.cls(exp.template.settings, tokenizer)
     chosen = compute_dtype(dtype)
+    settings = exp.stages.evaluate
+    held_out = prep is not None and bool(prep.held_out.rows or prep.held_out_examples)
+    if held_out and adapter is None:
+        model = method.load_trained(source, adapter_dir)
+        adapter = fidelity.measure(model, tokenizer, template, prep.held_out.rows, prep.held_out_examples, settings)
+        del model
 
     release()
-    result: dict[str, Any] = {"dtype": dtype_name(chosen)}
-    if torch.cuda.is_available():  # what the previous (4-bit) model still holds when the 16-bit base comes in
+    result: dict[str, Any] = {"dtype": dtype_name(chosen), "base": base}
+    if torch.cuda.is_available():  # what the previous (4-bit) model still holds when the base comes in
         result["vram_allocated_before_load_gib"] = round(torch.cuda.memory_allocated() / 2**30, 3)
-    base = source.load(dtype=chosen, device_map={"": 0} if device() == "cuda" else {"": "cpu"})
-    model = PeftModel.from_pretrained(base, adapter).merge_and_unload()
-
+    started = time.perf_counter()
+    loaded = (method.merge_base(source, chosen) if base == "trained"
+              else source.load(dtype=chosen, device_map=inference.device_map()))
+    model = PeftModel.from_pretrained(loaded, adapter_dir).merge_and_unload()
     chat = template.chat_template()
-    tokenizer.chat_template = chat  # never the tokenizer's own template when the run trained on another one
+    saved = source.tokenizer()  # a copy: the run's template keeps its tokenizer's own chat template
+    saved.chat_template = chat  # never the tokenizer's own template when the run trained on another one
     with atomic_folder(out, replace=True) as tmp:  # an empty folder at out is replaced
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    del model, base
+        saved.save_pretrained(tmp)
+        (tmp / inference.RECORD).write_text(json.dumps({"run": str(Path(run_dir).resolve()), "base": base,
+                                              "dtype": result["dtype"]}, indent=2) + "\n")
+    del model, loaded
     release()
-    result.update(path=str(out), size_gib=folder_size_gib(out), chat_template=chat is not None)
+    result.update(path=str(out), size_gib=folder_size_gib(out), wall_s=round(time.perf_counter() - started, 1),
+                  chat_template=chat is not None)
+    if not check:
+        result["check"] = "not asked for"
+    elif not held_out:
+        result["check"] = "no held-out rows to compare on"
+    else:
+        merged = inference.load_merged(out, chosen)
+        measured = fidelity.measure(merged, tokenizer, template, prep.held_out.rows, prep.held_out_examples, settings)
+        del merged
+        release()
+        result["check"] = fidelity.compare(adapter, measured, result["dtype"], settings.metric)
     return result
+

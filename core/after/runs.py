@@ -17,7 +17,8 @@ from fx.errors import UserError
 from fx.run.directory import RunDir
 from fx.settings import did_you_mean
 
-LOWER_IS_BETTER = {"loss", "perplexity"}
+LOWER_IS_BETTER = {"loss", "perplexity", "chosen_loss"}
+PREFERENCE = ("reward_accuracy", "logp_accuracy")  # a preference method's held-out measures (fx.evaluation)
 SORT_KEYS = ("date", "name", "model", "method", "steps", "final", "best", "tokens_s", "vram", "status")
 
 
@@ -27,7 +28,7 @@ class RunRow:
 
     path: Path
     name: str
-    date: datetime
+    date: datetime  # when the run was created (a resumed run keeps its first start)
     model: str
     method: str
     status: str
@@ -37,6 +38,7 @@ class RunRow:
     best: float | None  # its best value over every held-out evaluation of the run
     tokens_s: float | None
     vram: float | None  # peak GiB reserved on the GPU; None on CPU
+    preference: dict[str, float]  # a preference run's reward/log-probability accuracy after training
 
 
 def read_run(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -77,19 +79,23 @@ def eval_points(folder: Path, summary: dict[str, Any], metric: str) -> list[floa
 
 def row(folder: Path) -> RunRow:
     config, summary = read_run(folder)
+    after = summary.get("eval_after") or {}
     metric = config.get("stages", {}).get("evaluate", {}).get("metric", "none")
-    metric = "loss" if metric == "none" else metric
+    if metric == "none":  # the held-out loss; a preference run measures its reward accuracy instead
+        measured = {**(summary.get("eval_before") or {}), **after}
+        metric = "loss" if "loss" in measured or "reward_accuracy" not in measured else "reward_accuracy"
     points = eval_points(folder, summary, metric)
-    final = (summary.get("eval_after") or {}).get(metric)
+    final = after.get(metric)
     best = (min if metric in LOWER_IS_BETTER else max)(points) if points else None
-    started = summary.get("started")
-    date = (datetime.fromisoformat(started) if started
+    created = summary.get("created") or RunDir(folder).read_origin().get("created") or summary.get("started")
+    date = (datetime.fromisoformat(created) if created
             else datetime.fromtimestamp(RunDir(folder).config.stat().st_mtime, timezone.utc))
     return RunRow(
         path=folder, name=summary.get("name", folder.name), date=date, model=model_label(config),
         method=config.get("method", {}).get("name", "?"), status=summary.get("status", "unknown"),
         steps=summary.get("steps"), metric=metric, final=final, best=best,
         tokens_s=summary.get("train_tokens_per_s"), vram=summary.get("peak_vram_gib"),
+        preference={k: after[k] for k in PREFERENCE if isinstance(after.get(k), (int, float))},
     )
 
 
@@ -118,16 +124,17 @@ def _measure(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def compare(a: Path, b: Path) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
-    """``(config keys whose values differ, the summaries' measures and status)``, each as
-    ``(key, value in a, value in b)``."""
+def compare(a: Path, b: Path) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]], int]:
+    """``(config keys whose values differ, the summaries' measures and status that differ, how many measures are
+    equal)``, the rows as ``(key, value in a, value in b)``."""
     (config_a, summary_a), (config_b, summary_b) = read_run(a), read_run(b)
     config_rows = differences(config_a, config_b)
     flat_a, flat_b = flatten(summary_a), flatten(summary_b)
     keys = list(flat_a) + [k for k in flat_b if k not in flat_a]
-    metric_rows = [(k, flat_a.get(k), flat_b.get(k)) for k in keys
-                   if k in ("status", "error") or _measure(flat_a.get(k)) or _measure(flat_b.get(k))]
-    return config_rows, metric_rows
+    measures = [(k, flat_a.get(k), flat_b.get(k)) for k in keys
+                if k in ("status", "error") or _measure(flat_a.get(k)) or _measure(flat_b.get(k))]
+    metric_rows = [row for row in measures if row[1] != row[2]]
+    return config_rows, metric_rows, len(measures) - len(metric_rows)
 
 
 def _cell(value) -> str:
@@ -147,8 +154,9 @@ def show(directory: Path, sort: str = "date", reverse: bool = False, pair: list[
         console = Console(width=max(console.width, 240))
     if pair:
         a, b = (resolve(directory, name) for name in pair)
-        config_rows, metric_rows = compare(a, b)
-        for title, rows in ((f"config differences ({len(config_rows)})", config_rows), ("metrics", metric_rows)):
+        config_rows, metric_rows, equal = compare(a, b)
+        for title, rows in ((f"config differences ({len(config_rows)})", config_rows),
+                            (f"measures that differ ({len(metric_rows)}; {equal} equal, not shown)", metric_rows)):
             table = Table(title=title, box=box.SIMPLE_HEAD)
             for column in ("key", a.name, b.name):
                 table.add_column(column, justify="left" if column == "key" else "right", overflow="fold")
@@ -162,11 +170,13 @@ def show(directory: Path, sort: str = "date", reverse: bool = False, pair: list[
         return
     table = Table(title=f"runs in {directory} (sorted by {sort}{', reversed' if reverse else ''})",
                   box=box.SIMPLE_HEAD)
-    for column in ("name", "date", "model", "method", "status", "steps", "metric", "final", "best", "tokens/s",
-                   "VRAM GiB"):
-        table.add_column(column,
-                         justify="right" if column in ("steps", "final", "best", "tokens/s", "VRAM GiB") else "left")
+    preference = [k for k in PREFERENCE if any(k in r.preference for r in rows)]  # only when a run has them
+    numeric = ("steps", "final", "best", *preference, "tokens/s", "VRAM GiB")
+    for column in ("name", "created", "model", "method", "status", "steps", "metric", "final", "best", *preference,
+                   "tokens/s", "VRAM GiB"):
+        table.add_column(column, justify="right" if column in numeric else "left")
     for r in rows:
         table.add_row(r.name, r.date.astimezone().strftime("%Y-%m-%d %H:%M"), r.model, r.method, r.status,
-                      _cell(r.steps), r.metric, _cell(r.final), _cell(r.best), _cell(r.tokens_s), _cell(r.vram))
+                      _cell(r.steps), r.metric, _cell(r.final), _cell(r.best),
+                      *(_cell(r.preference.get(k)) for k in preference), _cell(r.tokens_s), _cell(r.vram))
     console.print(table)

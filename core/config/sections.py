@@ -46,12 +46,14 @@ class GenerateSettings(Settings):
 
 
 class MergeSettings(Settings):
-    """Merge the adapter into the base reloaded in 16 bits and save a plain transformers model in ``merged/``.
-    ``auto``: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU (fp16 matmuls there are
-    slow or unsupported)."""
+    """Merge the adapter into its base and save a plain transformers model in ``merged/``, checked against the
+    adapter on the held-out rows. ``base``: ``trained``, what the adapter was trained against (QLoRA: the 4-bit
+    weights, dequantised), or ``original``, the model source's weights. ``dtype`` ``auto``: bfloat16 on GPUs that
+    support it, float16 on older GPUs, float32 on CPU (fp16 matmuls there are slow or unsupported)."""
 
     enabled: bool = False
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    base: Literal["trained", "original"] = "trained"
 
 
 # the GGUF tensor types the gguf package can write (fx.after.gguf_file maps them); f16 is llama.cpp's usual input

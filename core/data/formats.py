@@ -52,6 +52,39 @@ class Example:
         return "pairs" if self.is_preference else "unpaired" if self.is_unpaired else "answers"
 
 
+def expected(example: Example) -> list[str] | None:
+    """What the ``contains`` metric looks for in the answer to this row: its ``expect`` column, a list of strings (or
+    one string) that must all appear; None when the row has none."""
+    value = example.extra.get("expect")
+    if isinstance(value, str):
+        return [value]
+    return list(value) if value else None
+
+
+def expect_problem(example: Example) -> str | None:
+    """Why a row's ``expect`` can't be scored (not a string or a list of non-empty strings), or None."""
+    value = example.extra.get("expect")
+    if value is None or value == [] or (isinstance(value, str) and value.strip()):
+        return None
+    if isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value):
+        return None
+    return f"'expect' must be a non-empty string or a list of non-empty strings, not {value!r:.60}"
+
+
+def to_row(example: Example) -> dict[str, Any]:
+    """The example as a row that the ``file`` dataset reads back (messages, text, preference or unpaired format),
+    its other columns kept."""
+    if example.is_preference:
+        head = {"prompt": example.messages, "chosen": example.chosen, "rejected": example.rejected}
+    elif example.is_unpaired:
+        head = {"prompt": example.messages, "completion": example.completion, "label": example.label}
+    elif example.messages is not None:
+        head = {"messages": example.messages}
+    else:
+        head = {"text": example.text}
+    return {**head, **example.extra}
+
+
 Names = Callable[[str], str]  # a format's column or key name -> the file's name for it (data.columns)
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fx.config import Experiment
-from fx.data.formats import Example, split, to_examples, unpair
+from fx.data.formats import Example, expect_problem, expected, split, to_examples, unpair
 from fx.data.tokenize import Tokenized
 from fx.errors import UserError
 
@@ -79,12 +79,29 @@ def check_kind(exp: Experiment, examples: list[Example]) -> None:
                     f"{KINDS[wanted][1]}; {hint}")
 
 
+def metric_problems(settings, examples: list[Example], where: str) -> list[str]:
+    """Why ``[stages.evaluate] metric`` can't measure anything on these held-out examples: ``contains`` scores each
+    row's ``expect`` strings, so rows whose ``expect`` is malformed, or no scored row with one, are refused."""
+    if not settings.enabled or settings.metric != "contains" or not examples:
+        return []
+    scored = examples[: settings.max_examples]
+    bad = [f"{where} row {i}: {problem}" for i, e in enumerate(scored, 1) if (problem := expect_problem(e))]
+    if bad:
+        return bad[:20]
+    if not any(expected(e) for e in scored):
+        return [f"stages.evaluate.metric = 'contains' scores each answer against its row's 'expect' column (the "
+                f"strings that must all appear in it), but none of the {len(scored)} {where} rows it scores has one: "
+                "add an 'expect' column to them (docs/data.md) or set stages.evaluate.metric to 'exact_match' or "
+                "'none'"]
+    return []
+
+
 def prepare(exp: Experiment) -> Prepared:
     """The rows, tokenizer and template of ``exp``, every row checked against its method."""
     train, held = load_examples(exp)
     check_kind(exp, train + held)
     method = exp.method.cls(exp.method.settings)
-    refuse(exp, method.check())
+    refuse(exp, method.check() + metric_problems(exp.stages.evaluate, held, "held-out"))
     source = exp.model.cls(exp.model.settings)
     refuse(exp, source.check())
     tokenizer = source.tokenizer()

@@ -1,8 +1,9 @@
 """``fx data``: what the model will be trained on, before a run spends time on it.
 
 A few training examples rendered through the experiment's template with the loss-bearing text marked, the
-token-length distribution under that template and tokenizer, how many rows ``data.max_length`` truncates, and
-a histogram of the lengths as a PNG.
+token-length distribution under that template and tokenizer, how many rows the method's tokenization truncates
+and drops (its own limits included: a preference or unpaired method's prompt and answer lengths), and a histogram
+of the lengths as a PNG.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fx.config import Experiment
-from fx.data.prepare import load_examples
-from fx.data.templating import Rendered, encode
-from fx.data.tokenize import renderings
+from fx.data.prepare import check_kind, load_examples
+from fx.data.templating import Rendered
+from fx.data.tokenize import render
 from fx.errors import UserError
 from fx.files import write_atomic
 
@@ -29,15 +30,14 @@ class LengthStats:
     median: float
     p95: int
     max: int
-    truncated: int  # rows longer than max_length
-    unanswered: int  # rows whose answers all fall beyond max_length
+    truncated: int  # rows the method's tokenization cuts
+    unanswered: int  # rows it drops: no answer token left
 
     @classmethod
-    def of(cls, lengths: list[int], max_length: int, unanswered: int) -> LengthStats:
+    def of(cls, lengths: list[int], truncated: int, unanswered: int) -> LengthStats:
         ordered = sorted(lengths)
         p95 = ordered[max(0, -(-95 * len(ordered) // 100) - 1)]  # nearest rank
-        return cls(len(ordered), ordered[0], statistics.median(ordered), p95, ordered[-1],
-                   sum(n > max_length for n in ordered), unanswered)
+        return cls(len(ordered), ordered[0], statistics.median(ordered), p95, ordered[-1], truncated, unanswered)
 
 
 def length_histogram(lengths: list[int], max_length: int, path: Path, title: str) -> Path:
@@ -86,30 +86,48 @@ class Report:
     kind: str  # Example.kind of the rows
 
 
+def answer_pieces(method, example, template, tokenizer, max_length: int):
+    """A preference or unpaired row as the method trains on it (its own prompt and answer limits applied): for each
+    answer (chosen and rejected; an unpaired row's one), its name, the prompt and the answer as (text, carries loss)
+    pieces, and whether the row was cut; [] when it is dropped."""
+    tokenized = method.tokenize([example], template, tokenizer, max_length)
+    if not tokenized.rows:
+        return []
+    row, cut = tokenized.rows[0], bool(tokenized.truncated)
+    if example.is_unpaired:
+        answers = [("desirable" if row["label"] else "undesirable", "completion_ids")]
+    else:
+        answers = [("chosen", "chosen_ids"), ("rejected", "rejected_ids")]
+    return [(which, [(tokenizer.decode(row["prompt_ids"]), False), (tokenizer.decode(row[key]), True)], cut)
+            for which, key in answers]
+
+
 def build(exp: Experiment, count: int, png: Path | None) -> Report:
+    """Tokenize every row as the run's method does, and render the first ``count`` training rows."""
     train, held = load_examples(exp)
+    check_kind(exp, train + held)
+    method = exp.method.cls(exp.method.settings)
     tokenizer = exp.model.cls(exp.model.settings).tokenizer()
     template = exp.template.cls(exp.template.settings, tokenizer)
     max_length = exp.data.max_length
-    lengths, unanswered, shown = [], 0, []
+    shown = []
     try:
-        for index, example in enumerate(train + held):
-            rendered_all = renderings(template, example)
-            which_ones = (("chosen", "rejected") if example.is_preference else
-                          ("desirable" if example.label else "undesirable",) if example.is_unpaired else ("",))
-            for which, rendered in zip(which_ones, rendered_all):
-                row, length = encode(tokenizer, rendered, max_length)
-                lengths.append(length)
-                unanswered += all(label == -100 for label in row["labels"])
-                if index < min(count, len(train)):
-                    pieces, cut = segments(rendered, tokenizer, max_length)
-                    shown.append((f"train example {index + 1}" + (f" ({which})" if which else ""), pieces, cut))
+        parts = [method.tokenize(part, template, tokenizer, max_length) for part in (train, held) if part]
+        for index, example in enumerate(train[:count]):
+            label = f"train example {index + 1}"
+            if example.is_preference or example.is_unpaired:
+                shown += [(f"{label} ({which})", pieces, cut)
+                          for which, pieces, cut in answer_pieces(method, example, template, tokenizer, max_length)]
+            else:
+                shown.append((label, *segments(render(template, example), tokenizer, max_length)))
     except ValueError as exc:
         raise UserError(f"template {exp.template.name!r}: {exc}") from None
+    lengths = [n for part in parts for n in part.lengths]
+    stats = LengthStats.of(lengths, sum(p.truncated for p in parts), sum(p.dropped for p in parts))
     path = png or Path(exp.experiment.output_dir) / f"{exp.experiment.name}-lengths.png"
     title = f"{exp.experiment.name}: template {exp.template.name!r}"
-    return Report(LengthStats.of(lengths, max_length, unanswered), shown,
-                  length_histogram(lengths, max_length, path, title), len(train), len(held), train[0].kind)
+    return Report(stats, shown, length_histogram(lengths, max_length, path, title), len(train), len(held),
+                  train[0].kind)
 
 
 def show(exp: Experiment, report: Report, console) -> None:
@@ -117,8 +135,10 @@ def show(exp: Experiment, report: Report, console) -> None:
     from rich.text import Text
 
     s = report.stats
-    kind = {"pairs": "preference pairs (each rendered with its chosen and its rejected answer)",
-            "unpaired": "unpaired rows (each a prompt with one answer, desirable or not)"}.get(report.kind, "rows")
+    kind = {"pairs": "preference pairs (each rendered with its chosen and its rejected answer, cut as the method "
+                     "cuts them)",
+            "unpaired": "unpaired rows (each a prompt with one answer, desirable or not, cut as the method cuts "
+                        "them)"}.get(report.kind, "rows")
     console.print(f"{exp.path}: {report.train_rows} training and {report.held_out_rows} held-out {kind}; "
                   f"template {exp.template.name!r}, model {exp.model.name!r}")
     if report.examples:
@@ -130,7 +150,13 @@ def show(exp: Experiment, report: Report, console) -> None:
             out.append(f"{OPEN}{text}{CLOSE}" if loss else text, style="bold green" if loss else None)
         console.print(out, highlight=False, markup=False)
     console.print(Rule("token lengths"))
-    console.print(f"{s.rows} rendered rows: min {s.min}, median {s.median:g}, p95 {s.p95}, max {s.max} tokens")
-    console.print(f"truncated at data.max_length = {exp.data.max_length}: {s.truncated} of {s.rows} rows"
+    rows = {"pairs": "pairs (prompt + the longer answer)", "unpaired": "unpaired rows (prompt + answer)"}.get(
+        report.kind, "rendered rows")
+    console.print(f"{s.rows} {rows}: min {s.min}, median {s.median:g}, p95 {s.p95}, max {s.max} tokens")
+    limits = f"data.max_length = {exp.data.max_length}"
+    for key in ("max_prompt_length", "max_completion_length"):  # a preference or unpaired method's own limits
+        if getattr(exp.method.settings, key, None):
+            limits += f", method.{key} = {getattr(exp.method.settings, key)}"
+    console.print(f"truncated at {limits}: {s.truncated} of {s.rows} rows"
                   + (f"; {s.unanswered} keep no answer token and would be dropped" if s.unanswered else ""))
     console.print(f"histogram: {report.histogram}")

@@ -15,7 +15,7 @@ from typing import Any
 import tomli_w
 
 from fx.errors import UserError
-from fx.files import atomic_folder, write_atomic
+from fx.files import atomic_folder, drop_placeholder_card, write_atomic
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -43,6 +43,7 @@ class RunDir:
     loss_plot = property(lambda self: self.path / "plots" / "loss.png")
     merged = property(lambda self: self.path / "merged")
     metrics = property(lambda self: self.path / "metrics.jsonl")  # the jsonl tracker's default file
+    heldout = property(lambda self: self.path / "heldout.jsonl")  # the held-out rows, readable by `fx eval --data`
 
     @classmethod
     def create(cls, output_dir: Path, name: str) -> RunDir:
@@ -65,6 +66,10 @@ class RunDir:
         write_atomic(self.config, tomli_w.dumps(config))
         write_atomic(self.env, json.dumps(environment(), indent=2) + "\n")
         write_atomic(self.origin, json.dumps(origin, indent=2) + "\n")
+
+    def write_heldout(self, rows: list[dict[str, Any]]) -> None:
+        """The held-out rows the run measures itself on, one JSON object a line (fx.data.formats.to_row)."""
+        write_atomic(self.heldout, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_atomic(self.summary, json.dumps(summary, indent=2) + "\n")
@@ -92,6 +97,7 @@ class RunDir:
         """``save(folder)`` writes the adapter into a new folder, which then replaces ``adapter/``."""
         with atomic_folder(self.adapter, replace=True) as tmp:
             save(tmp)
+            drop_placeholder_card(tmp)
         return self.adapter
 
 

@@ -8,6 +8,7 @@ out-of-memory report (fx.training.oom).
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fx.errors import UserError
+from fx.files import drop_placeholder_card
 from fx.training.checkpoints import mark_complete
 from fx.training.distributed import batch_keys, current, largest, per_rank
 from fx.training.microbatch import split_steps
@@ -54,10 +56,15 @@ def contract_callback(progress: Progress, log: Log):
             if progress.stop_signal is not None:
                 control.should_save = True
                 control.should_training_stop = True
+            if control.should_save:  # every checkpoint's log history ends with its own step (whole_run_loss)
+                control.should_log = True
 
         def on_save(self, args, state, control, **kwargs):
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if current().main:  # the rank that saved the adapter and its card
+                drop_placeholder_card(checkpoint)
             if current().size > 1:
-                mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+                mark_complete(checkpoint)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = dict(logs or {})
@@ -137,6 +144,26 @@ def check_world(method, trainer) -> None:
                             f"{world.size} GPUs: build its arguments with fx.QLoraMethod.trainer_args")
 
 
+def whole_run_loss(history: list[dict[str, Any]], first_step: int, last_step: int,
+                   segment_loss: float) -> float | None:
+    """The mean training loss over every step of a run, when this process trained only the steps after
+    ``first_step`` (a resumed run) to a mean of ``segment_loss``: the steps before come from the checkpoint's log
+    history, each logged ``loss`` being the mean over the steps since the previous log. None when that history does
+    not reach ``first_step`` (a checkpoint written without a log at its step)."""
+    if first_step == 0:
+        return segment_loss
+    covered, total, previous = 0, 0.0, 0
+    for record in history:
+        step = record.get("step")
+        if "loss" not in record or not isinstance(step, int) or not previous < step <= first_step:
+            continue
+        total += record["loss"] * (step - previous)
+        covered, previous = step, step
+    if covered != first_step or last_step <= 0:
+        return None
+    return (total + segment_loss * (last_step - first_step)) / last_step
+
+
 def build(method, model, tokenizer, rows: list[dict], session, progress: Progress | None = None, callbacks=()):
     """The method's trainer as fx trains it: fx's callbacks instead of trl's printer, trainable weights in float32,
     token budgets, and (given ``progress``) each batch's real tokens counted."""
@@ -145,6 +172,7 @@ def build(method, model, tokenizer, rows: list[dict], session, progress: Progres
     trainer = method.trainer(model, tokenizer, rows, session)
     check_world(method, trainer)
     trainer.remove_callback(PrinterCallback)
+    trainer.create_model_card = lambda *args, **kwargs: None  # trl's card of a checkpoint knows nothing of the run
     keep_adapter_float32(model)  # the optimizer is created later, in train()
     budget = getattr(method.settings, "micro_batch_tokens", 0)
     if budget:
@@ -161,6 +189,9 @@ def train(method, model, tokenizer, rows: list[dict], session, progress: Progres
     """Train ``model`` under the run contract (continuing from the checkpoint ``resume_from``); what was measured.
     Raises ``torch.OutOfMemoryError`` as it comes: the caller reports it with what it knows of the run."""
     trainer = build(method, model, tokenizer, rows, session, progress, [contract_callback(progress, log)])
+    first_step = 0
+    if resume_from is not None:
+        first_step = int(json.loads((Path(resume_from) / "trainer_state.json").read_text())["global_step"])
     start = time.perf_counter()
     with stop_on_signals(progress):
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -168,9 +199,13 @@ def train(method, model, tokenizer, rows: list[dict], session, progress: Progres
     tokens = trainer.state.num_input_tokens_seen
     tokens_now = tokens - progress.tokens_at_start  # a resumed run counts only what it trained itself
     graphs = getattr(trainer, "graph_stats", None)
+    steps = trainer.state.global_step
+    whole = whole_run_loss(trainer.state.log_history, first_step, steps, output.training_loss)
     return {
-        "steps": trainer.state.global_step,
-        "train_loss": round(output.training_loss, 4),
+        "steps": steps,
+        # the mean over every step of the run, resumed segments included (None: the history didn't say)
+        "train_loss": round(whole, 4) if whole is not None else None,
+        **({"train_loss_since_resume": round(output.training_loss, 4)} if first_step else {}),
         "train_tokens": int(tokens),
         "train_tokens_per_s": round(tokens_now / wall, 1) if wall > 0 else None,
         "train_wall_s": round(wall, 1),

@@ -103,6 +103,14 @@ class Method(ABC):
 
         return tokenize(examples, template, tokenizer, max_length)
 
+    def merge_base(self, source, dtype):
+        """The base ``fx merge`` adds the saved adapter into: the weights the adapter was trained against, as a plain
+        (unquantised) transformers model in ``dtype``. By default the model source's own weights; a method that
+        trains on a changed base (quantised, say) returns that base, so that the merged model is the trained one."""
+        from fx.training.devices import device
+
+        return source.load(dtype=dtype, device_map={"": 0} if device() == "cuda" else {"": "cpu"})
+
     def evaluate(self, model, tokenizer, template, rows, examples, settings) -> dict[str, Any]:
         """Held-out measurements of ``model`` on tokenized ``rows`` and their examples, before and after training and
         in ``fx eval``: by default the held-out loss and the ``[stages.evaluate]`` metric."""

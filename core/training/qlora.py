@@ -115,6 +115,16 @@ class QLoraMethod(Method):
                 param.data = param.data.to(dtype)
         return model.eval()
 
+    def merge_base(self, source, dtype):
+        """The 4-bit base exactly as :meth:`load_base` quantises it (same quantisation, same compute dtype), each
+        ``Linear4bit`` dequantised by bitsandbytes (``dequantize_4bit``, through transformers' ``dequantize``), then
+        cast to ``dtype``: the weights the adapter was trained against. Merging into the original weights instead
+        adds the quantisation error to the trained model (docs/after-training.md)."""
+        model = source.load(quantization_config=self.quantization_config(),
+                            dtype=compute_dtype(self.settings.compute_dtype),
+                            device_map={"": 0} if device() == "cuda" else {"": "cpu"})
+        return model.dequantize(dtype=dtype).to(dtype)
+
     # -- the trainer and the planner --------------------------------------------------------------------------------
 
     def trainer_args(self, config_class, session: Session, **fields: Any):

@@ -1,24 +1,35 @@
 """Tracker ``console``: a rich progress bar (step/total, loss, learning rate, tokens/s, peak VRAM on a GPU, ETA)
-and a closing table."""
+and a closing table. When stderr is not a terminal (redirected to a log file, under nohup or a scheduler) there is no
+bar to redraw: a plain line every ``every_steps`` steps and at the last one instead."""
 
 from __future__ import annotations
+
+import time
+
+from pydantic import Field
 
 import fx
 from fx.run.tracking import Tracker
 
 
 class ConsoleTracker(Tracker):
-    description = "a progress bar while training and a summary table at the end"
+    description = "a progress bar while training (a line every N steps into a log file) and a summary table at the end"
+
+    class Settings(fx.Settings):
+        every_steps: int = Field(10, ge=1, le=10**9)  # with stderr redirected: a progress line every this many steps
 
     def start(self) -> None:
         from rich.console import Console
 
         self.console = Console(stderr=True)
         self.progress = None
+        self.lines = not self.console.is_terminal
         self.console.print(f"[bold]fx[/bold] run [cyan]{self.run.name}[/cyan] -> {self.run.dir}")
 
     def stage_start(self, stage) -> None:
-        if stage == "train":
+        if stage == "train" and self.lines:
+            self.clock = (time.perf_counter(), self.run.step)
+        elif stage == "train":
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.progress = Progress(
@@ -31,7 +42,7 @@ class ConsoleTracker(Tracker):
             self.console.print(f"[dim]{stage} ...[/dim]")
 
     def log(self, step, metrics) -> None:
-        if self.progress is None or "loss" not in metrics:
+        if "loss" not in metrics or (self.progress is None and not self.lines):
             return
         info = f"loss {metrics['loss']:.4f}"
         if "learning_rate" in metrics:
@@ -42,7 +53,20 @@ class ConsoleTracker(Tracker):
             info += f"  {metrics['tokens_per_s']:.0f} tok/s"
         if "peak_vram_gib" in metrics:
             info += f"  peak VRAM {metrics['peak_vram_gib']:.2f} GiB"
-        self.progress.update(self.task, completed=step, total=self.run.max_steps, info=info)
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, total=self.run.max_steps, info=info)
+        elif step % self.settings.every_steps == 0 or step == self.run.max_steps:
+            self.console.print(f"train {step}/{self.run.max_steps}  {info}{self.eta(step)}", highlight=False,
+                               markup=False, soft_wrap=True)
+
+    def eta(self, step: int) -> str:
+        """The time left at this process's pace so far (a resumed run counts from its checkpoint)."""
+        started, first = self.clock
+        done, total = step - first, self.run.max_steps
+        if done <= 0 or not total:
+            return ""
+        left = (time.perf_counter() - started) / done * (total - step)
+        return f"  ETA {int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
 
     def stage_end(self, stage, result) -> None:
         if stage == "train" and self.progress is not None:
