@@ -43,8 +43,10 @@ def cmd_run(args) -> int:
     use_expandable_segments()
     if (args.file is None) == (args.resume is None):
         raise UserError("give an experiment file, or --resume RUN_DIR (not both)")
+    if args.reset_optimizer and args.resume is None:
+        raise UserError("--reset-optimizer goes with --resume RUN_DIR")
     if args.resume is not None:
-        exp = load_run(args.resume, args.set)
+        exp = load_run(args.resume, args.set, reset_optimizer=args.reset_optimizer)
     else:
         exp = config.load(args.file, args.set)
     _quiet_libraries()
@@ -262,7 +264,11 @@ def parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run an experiment file")
     run.add_argument("file", type=Path, nargs="?")
-    run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its last complete checkpoint")
+    run.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                     help="continue a run from its newest checkpoint that verifies")
+    run.add_argument("--reset-optimizer", action="store_true",
+                     help="with --resume: continue from a checkpoint whose optimizer state is missing or damaged, "
+                          "with a fresh one")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a key, e.g. --set method.max_steps=10 (repeatable)")
     run.set_defaults(func=cmd_run)

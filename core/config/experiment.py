@@ -106,6 +106,8 @@ def toml_text(value: Any, limit: int = 60) -> str:
 
 
 def _toml(value: Any) -> str:
+    if value is None:
+        return "(unset)"  # TOML has no null: a key left out
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float) and not math.isfinite(value):

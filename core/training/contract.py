@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fx.training.checkpoints import manifest_callback
 from fx.training.microbatch import split_steps
 from fx.training.qlora import keep_adapter_float32
 
@@ -114,10 +115,14 @@ def build(method, model, tokenizer, rows: list[dict], session, progress: Progres
 
 
 def train(method, model, tokenizer, rows: list[dict], session, progress: Progress, log: Log,
-          resume_from: Path | None = None) -> dict[str, Any]:
+          resume_from: Path | None = None, trained_with: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train ``model`` under the run contract (continuing from the checkpoint ``resume_from``); what was measured.
-    Raises ``torch.OutOfMemoryError`` as it comes: the caller reports it with what it knows of the run."""
-    trainer = build(method, model, tokenizer, rows, session, progress, [contract_callback(progress, log)])
+    Each checkpoint gets its manifest, recording ``trained_with`` (the resolved experiment), and fx rotates them
+    (fx.training.checkpoints). Raises ``torch.OutOfMemoryError`` as it comes: the caller reports it with what it
+    knows of the run."""
+    callbacks = [contract_callback(progress, log),
+                 manifest_callback(session.checkpoint_keep, trained_with, resume_from)]
+    trainer = build(method, model, tokenizer, rows, session, progress, callbacks)
     start = time.perf_counter()
     with stop_on_signals(progress):
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
