@@ -73,7 +73,7 @@ class HFModel(ModelSource):
             config = AutoConfig.from_pretrained(name, **kwargs)
         except OSError as exc:
             raise UserError(f"model.name: cannot read the config of {name!r}: "
-                            f"{str(exc).splitlines()[0][:200]}") from None
+                            f"{(str(exc).splitlines() or [''])[0][:200]}") from None
         self.config_origin = f"{name} (hub)"
         return config
 
