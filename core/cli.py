@@ -7,31 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
-import warnings
 from pathlib import Path
 
-from fx.errors import Interrupted, TrainingFailed, UserError
-
-
-def _quiet_libraries() -> None:
-    """Library chatter (progress bars, deprecation notes) would bury fx's own output."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    # bitsandbytes says at import that an optional CPU kernel package is absent; its fallback is what runs.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    import transformers
-
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+from fx.errors import Interrupted, TrainingFailed, UserError, printable
+from fx.quiet import quiet_libraries, silence_noise
 
 
 def cmd_run(args) -> int:
@@ -49,7 +29,7 @@ def cmd_run(args) -> int:
         exp = load_run(args.resume, args.set, reset_optimizer=args.reset_optimizer)
     else:
         exp = config.load(args.file, args.set)
-    _quiet_libraries()
+    quiet_libraries()
     folder = pipeline.execute(exp, manager.get(), resume=args.resume)
     print(f"run finished: {folder}")
     return 0
@@ -62,7 +42,9 @@ def cmd_validate(args) -> int:
     problems = []
     for file in args.files:
         try:
-            config.load(file, args.set)
+            found = config.check(config.load(file, args.set))  # every plugin's own check()
+            if found:
+                raise UserError("\n".join(found))
             print(f"{file}: ok")
         except ConfigError as exc:
             problems += exc.problems
@@ -76,19 +58,23 @@ def cmd_validate(args) -> int:
 def cmd_plugins(args) -> int:
     from fx.hooks import manager
 
-    infos = manager.get().info()
+    infos = manager.build(keep_broken=True).info()  # a broken plugin is listed, not fatal
     if args.json:
         print(json.dumps([info.__dict__ for info in infos], indent=2))
-        return 0
-    from rich.console import Console
-    from rich.table import Table
+    else:
+        from rich.console import Console
+        from rich.table import Table
 
-    table = Table(title="fx plugins")
-    for column in ("plugin", "version", "registers", "hooks"):
-        table.add_column(column)
-    for info in infos:
-        table.add_row(info.name, info.version, "\n".join(info.registers), "\n".join(info.hooks))
-    Console().print(table)
+        table = Table(title="fx plugins")
+        for column in ("plugin", "version", "registers", "hooks"):
+            table.add_column(column)
+        for info in infos:
+            table.add_row(info.name, info.version, "broken" if info.broken else "\n".join(info.registers),
+                          "\n".join(info.hooks))
+        Console().print(table)
+    broken = [info.broken for info in infos if info.broken]
+    if broken:
+        raise UserError("\n".join(broken))
     return 0
 
 
@@ -99,7 +85,7 @@ def cmd_data(args) -> int:
     from fx.data import report as data_report
 
     exp = config.load(args.file, args.set)
-    _quiet_libraries()
+    quiet_libraries()
     report = data_report.build(exp, args.examples, args.png)
     data_report.show(exp, report, Console(soft_wrap=True))
     return 0
@@ -117,7 +103,7 @@ def cmd_generate(args) -> int:
     from fx.evaluation import generate
 
     exp = inference.experiment(args.run_dir)
-    _quiet_libraries()
+    quiet_libraries()
     loaded = inference.load(args.run_dir, exp)
     max_new_tokens = args.max_new_tokens or exp.stages.generate.max_new_tokens
     conversations = [[{"role": "user", "content": p}] for p in args.prompt]
@@ -134,7 +120,7 @@ def cmd_chat(args) -> int:
     from fx.after.chat import chat
 
     exp = inference.experiment(args.run_dir)
-    _quiet_libraries()
+    quiet_libraries()
     loaded = inference.load(args.run_dir, exp)
     print(f"fx chat: {args.run_dir} (template {exp.template.name}); 'exit' or Ctrl-D ends", file=sys.stderr)
     chat(loaded, args.max_new_tokens or exp.stages.generate.max_new_tokens)
@@ -144,7 +130,7 @@ def cmd_chat(args) -> int:
 def cmd_eval(args) -> int:
     from fx.after import inference
 
-    _quiet_libraries()
+    quiet_libraries()
     print(json.dumps(inference.evaluate_run(args.run_dir, args.data), indent=2))
     return 0
 
@@ -154,7 +140,7 @@ def cmd_merge(args) -> int:
     from fx.after.merge import merge
 
     exp = inference.experiment(args.run_dir)
-    _quiet_libraries()
+    quiet_libraries()
     result = merge(exp, args.run_dir, args.out or args.run_dir / "merged", args.dtype)
     print(f"merged ({result['dtype']}, {result['size_gib']} GiB): {result['path']}")
     return 0
@@ -247,7 +233,7 @@ def cmd_bench(args) -> int:
         result = compare.read_result(args.result)
     else:
         exp = config.load(args.file, args.set)
-        _quiet_libraries()
+        quiet_libraries()
         result = measure.run(exp, steps=args.steps, warmup=args.warmup, reference=args.reference, profile=args.profile)
         compare.report(result)
         if args.out:
@@ -280,7 +266,7 @@ def parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="estimate peak GPU memory from the model's config alone; check a budget")
     plan.add_argument("file", type=Path)
-    plan.add_argument("--budget", metavar="GPU|GiB",
+    plan.add_argument("--budget", metavar="GPU|GiB", type=_budget,
                       help="t4, a10g, l4, a100-40, a100-80, h100 or a number of GiB (default: the file's [budget])")
     plan.add_argument("--json", action="store_true")
     plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -355,6 +341,20 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _budget(text: str) -> str:
+    from fx.plan.gpus import GPUS
+
+    if text.lower() in GPUS:
+        return text
+    try:
+        gib = float(text)
+    except ValueError:
+        gib = None
+    if gib is None or not 0 < gib <= 4096:  # nan and inf fail this too
+        raise argparse.ArgumentTypeError(f"{text!r}: give one of {', '.join(GPUS)}, or a number of GiB (0 to 4096)")
+    return text
+
+
 def _percent(text: str) -> float:
     try:
         value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
@@ -366,21 +366,28 @@ def _percent(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The one place where fx's errors become what a user reads (control characters from their input escaped) and
+    an exit code: 2 for a mistake in what they gave, 1 for a failed training, 128+signal for a stopped one."""
+    silence_noise()
     args = parser().parse_args(argv)
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"fx: error: {exc}", file=sys.stderr)
+        print(f"fx: error: {printable(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except Interrupted as exc:
-        print(f"fx: {exc}", file=sys.stderr)
+        print(f"fx: {printable(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except TrainingFailed as exc:
-        print(f"fx: training failed: {exc}", file=sys.stderr)
+        print(f"fx: training failed: {printable(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("fx: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the OS refused a file of the user's (disk full, no permission, a name too long)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"fx: error: {printable(where + (exc.strerror or str(exc)))}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
