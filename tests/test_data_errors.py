@@ -22,8 +22,10 @@ def fx_data(path: Path, capsys, *extra) -> tuple[int, str, str]:
 
 @pytest.mark.parametrize("content, expected", [
     (b"", "is empty"),
-    (b"\xff\xfe\x00garbage\x80\x81\n", "cannot read"),
+    (b"\xff\xfe\x00garbage\x80\x81\n", "line 1: not a JSON object"),
     (b'{"messages": [{"role": "user", "content": "hi"}]\n', "cannot read"),  # a truncated row
+    (b"null\n", "line 1: not a JSON object"),  # pyarrow's reader dies of a segmentation fault on these
+    (b'{"prompt": "a", "completion": "b"}\n\n7\n', "line 3: not a JSON object"),
 ])
 def test_a_bad_data_file_is_named_with_exit_2(write_experiment, tmp_path, capsys, content, expected):
     path = write_experiment(TINY_EXPERIMENT)

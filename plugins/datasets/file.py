@@ -38,7 +38,7 @@ class FileDataset(DatasetSource):
         files = {"data.path": self.settings.path}
         if self.settings.eval_path:
             files["data.eval_path"] = self.settings.eval_path
-        return {key: (value, (self.base_dir / Path(value).expanduser()).resolve()) for key, value in files.items()}
+        return {key: (value, _absolute(self.base_dir / Path(value).expanduser())) for key, value in files.items()}
 
     def check(self) -> list[str]:
         problems = []
@@ -62,6 +62,9 @@ class FileDataset(DatasetSource):
     def _read(self, key: str, path: Path):
         import datasets
 
+        if LOADERS[path.suffix.lower()] == "json":
+            _refuse_non_object_lines(key, path)
+
         logger = logging.getLogger("datasets")  # its loaders log a failed parse (a broken log call, at times) and
         level = logger.level  # then raise: the raise is reported here, in one line naming the file
         logger.setLevel(logging.CRITICAL + 1)
@@ -83,6 +86,29 @@ class FileDataset(DatasetSource):
         train = self._read("data.path", files["data.path"][1])
         held_out = self._read("data.eval_path", files["data.eval_path"][1]) if "data.eval_path" in files else None
         return train, held_out
+
+
+def _refuse_non_object_lines(key: str, path: Path) -> None:
+    """JSON Lines whose rows are not objects (``null``, ``1``) crash pyarrow's reader (a segmentation fault, no
+    exception): such a line is refused first, naming it. A file that is one JSON array is read by Python's parser."""
+    try:
+        with open(path, "rb") as fh:
+            for number, line in enumerate(fh, 1):
+                start = line.lstrip()[:1]
+                if number == 1 and start == b"[":
+                    return
+                if start and start != b"{":
+                    raise UserError(f"{key}: {path}, line {number}: not a JSON object (each line of a .jsonl file is "
+                                    "one row, {...})")
+    except OSError as exc:
+        raise UserError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _absolute(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a link loop: check() says so, naming the file
+        return path.absolute()
 
 
 def _scratch() -> Path:
