@@ -114,3 +114,7 @@ def test_a_completed_run_is_not_resumed(train_tiny):
     _, done = train_tiny("checkpointed", overrides=OVERRIDES)
     out = fx("run", "--resume", str(done))
     assert out.returncode == 2 and "the run completed" in out.stderr and "Traceback" not in out.stderr
+    before = sorted(p.name for p in (done / "checkpoints").iterdir())
+    measured = fx("eval", str(done))  # reading a finished run is not resuming it: nothing refused, nothing moved
+    assert measured.returncode == 0, measured.stderr
+    assert sorted(p.name for p in (done / "checkpoints").iterdir()) == before

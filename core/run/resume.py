@@ -34,15 +34,26 @@ def _allowed(exp: Experiment) -> str:
     return ", ".join([f"{prefix}*" for prefix in CHANGEABLE] + [f"method.{k}" for k in exp.method.cls.execution_keys()])
 
 
-def load_run(folder: Path, overrides: list[str] = (), reset_optimizer: bool = False) -> Experiment:
-    """The run's resolved experiment with ``overrides`` (``--set``), relative paths resolved from the original
-    experiment file's folder; its checkpoints made ready to resume from (see the module's docstring). With
-    ``reset_optimizer`` the newest checkpoint whose optimizer state is missing or damaged is used, with a fresh one."""
-    files = RunDir(folder)
+def _base_dir(files: RunDir, folder: Path) -> Path:
     if not files.is_run():
         raise UserError(f"{folder}: not a run directory (no config.toml); give a folder that `fx run` made")
     origin = files.read_origin().get("base_dir")
-    base_dir = Path(origin) if isinstance(origin, str) else Path(folder)
+    return Path(origin) if isinstance(origin, str) else Path(folder)
+
+
+def read_run(folder: Path) -> Experiment:
+    """The run's resolved experiment, relative paths resolved from the original experiment file's folder (what
+    ``fx eval``, ``fx generate``, ``fx chat`` and ``fx merge`` read; nothing in the folder changes)."""
+    files = RunDir(folder)
+    return config.load(files.config, base_dir=_base_dir(files, folder))
+
+
+def load_run(folder: Path, overrides: list[str] = (), reset_optimizer: bool = False) -> Experiment:
+    """The experiment of the run to resume, with ``overrides`` (``--set``); its checkpoints made ready to resume
+    from (see the module's docstring). With ``reset_optimizer`` the newest checkpoint whose optimizer state is
+    missing or damaged is used, with a fresh one."""
+    files = RunDir(folder)
+    base_dir = _base_dir(files, folder)
     if files.read_summary().get("status") == "completed":
         raise UserError(f"{folder}: the run completed; there is nothing to resume (fx eval measures it again, a new "
                         "run trains again)")
