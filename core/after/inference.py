@@ -13,12 +13,12 @@ from fx.data.prepare import prepare
 from fx.errors import UserError
 from fx.hooks import manager
 from fx.run.directory import RunDir
-from fx.run.resume import load_run
+from fx.run.resume import read_run
 
 
 def experiment(run_dir: Path) -> Experiment:
     """The run's resolved experiment, relative paths resolved from the original experiment file's folder."""
-    return load_run(Path(run_dir))
+    return read_run(Path(run_dir))
 
 
 def adapter_dir(run_dir: Path) -> Path:

@@ -128,3 +128,46 @@ def compare(a: Path, b: Path) -> tuple[list[tuple[str, Any, Any]], list[tuple[st
     metric_rows = [(k, flat_a.get(k), flat_b.get(k)) for k in keys
                    if k in ("status", "error") or _measure(flat_a.get(k)) or _measure(flat_b.get(k))]
     return config_rows, metric_rows
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def show(directory: Path, sort: str = "date", reverse: bool = False, compare_two=None) -> None:
+    """``fx runs``: the table of runs in ``directory``, or (``compare_two``) two runs' config differences and
+    metrics."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:  # piped or redirected: whole rows, not cells wrapped to 80 columns
+        console = Console(width=max(console.width, 240))
+    if compare_two:
+        a, b = (resolve(directory, name) for name in compare_two)
+        config_rows, metric_rows = compare(a, b)
+        for title, rows in ((f"config differences ({len(config_rows)})", config_rows), ("metrics", metric_rows)):
+            table = Table(title=title, box=box.SIMPLE_HEAD)
+            for column in ("key", a.name, b.name):
+                table.add_column(column, justify="left" if column == "key" else "right", overflow="fold")
+            for key, left, right in rows:
+                table.add_row(key, _cell(left), _cell(right))
+            console.print(table)
+        return
+    rows = collect(directory, sort, reverse)
+    if not rows:
+        print(f"no runs in {directory}")
+        return
+    table = Table(title=f"runs in {directory} (sorted by {sort}{', reversed' if reverse else ''})",
+                  box=box.SIMPLE_HEAD)
+    for column in ("name", "date", "model", "method", "status", "steps", "metric", "final", "best", "tokens/s",
+                   "VRAM GiB"):
+        table.add_column(column,
+                         justify="right" if column in ("steps", "final", "best", "tokens/s", "VRAM GiB") else "left")
+    for r in rows:
+        table.add_row(r.name, r.date.astimezone().strftime("%Y-%m-%d %H:%M"), r.model, r.method, r.status,
+                      _cell(r.steps), r.metric, _cell(r.final), _cell(r.best), _cell(r.tokens_s), _cell(r.vram))
+    console.print(table)

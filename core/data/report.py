@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fx.config import Experiment
-from fx.data.prepare import load_examples
-from fx.data.templating import Rendered, encode
+from fx.data.prepare import load_examples, refuse
+from fx.data.templating import Rendered, encode_all
 from fx.data.tokenize import renderings
-from fx.errors import UserError
+from fx.errors import UserError, printable
 from fx.files import write_atomic
 
 OPEN, CLOSE = "⟦", "⟧"  # around loss-bearing text in the printed examples
@@ -87,29 +87,35 @@ class Report:
 
 
 def build(exp: Experiment, count: int, png: Path | None) -> Report:
+    path = png or Path(exp.experiment.output_dir) / f"{exp.experiment.name}-lengths.png"
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; give --png the name of the PNG file to write")
     train, held = load_examples(exp)
-    tokenizer = exp.model.cls(exp.model.settings).tokenizer()
+    source = exp.model.cls(exp.model.settings)
+    refuse(exp, source.check())
+    tokenizer = source.tokenizer()
     template = exp.template.cls(exp.template.settings, tokenizer)
     max_length = exp.data.max_length
-    lengths, unanswered, shown = [], 0, []
+    shown_rows = min(count, len(train))
     try:
-        for index, example in enumerate(train + held):
-            rendered_all = renderings(template, example)
-            which_ones = (("chosen", "rejected") if example.is_preference else
-                          ("desirable" if example.label else "undesirable",) if example.is_unpaired else ("",))
-            for which, rendered in zip(which_ones, rendered_all):
-                row, length = encode(tokenizer, rendered, max_length)
-                lengths.append(length)
-                unanswered += all(label == -100 for label in row["labels"])
-                if index < min(count, len(train)):
-                    pieces, cut = segments(rendered, tokenizer, max_length)
-                    shown.append((f"train example {index + 1}" + (f" ({which})" if which else ""), pieces, cut))
+        rendered = [(index, which, r) for index, example in enumerate(train + held)
+                    for which, r in zip(("chosen", "rejected") if example.is_preference else
+                                        ("desirable" if example.label else "undesirable",) if example.is_unpaired
+                                        else ("",), renderings(template, example))]
     except ValueError as exc:
         raise UserError(f"template {exp.template.name!r}: {exc}") from None
-    path = png or Path(exp.experiment.output_dir) / f"{exp.experiment.name}-lengths.png"
+    encoded = encode_all(tokenizer, [r for _, _, r in rendered], max_length)
+    lengths = [length for _, length in encoded]
+    unanswered = sum(all(label == -100 for label in row["labels"]) for row, _ in encoded)
+    shown = [(f"train example {index + 1}" + (f" ({which})" if which else ""), *segments(r, tokenizer, max_length))
+             for index, which, r in rendered if index < shown_rows]
     title = f"{exp.experiment.name}: template {exp.template.name!r}"
-    return Report(LengthStats.of(lengths, max_length, unanswered), shown,
-                  length_histogram(lengths, max_length, path, title), len(train), len(held), train[0].kind)
+    try:
+        histogram = length_histogram(lengths, max_length, path, title)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write the length histogram: {exc.strerror or exc}") from None
+    return Report(LengthStats.of(lengths, max_length, unanswered), shown, histogram, len(train), len(held),
+                  train[0].kind)
 
 
 def show(exp: Experiment, report: Report, console) -> None:
@@ -127,6 +133,7 @@ def show(exp: Experiment, report: Report, console) -> None:
         console.print(Rule(label + (f" — truncated at data.max_length = {exp.data.max_length}" if cut else "")))
         out = Text()
         for text, loss in pieces:
+            text = printable(text)  # a dataset's escape sequences are shown, never sent to the terminal
             out.append(f"{OPEN}{text}{CLOSE}" if loss else text, style="bold green" if loss else None)
         console.print(out, highlight=False, markup=False)
     console.print(Rule("token lengths"))

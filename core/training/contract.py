@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fx.errors import UserError
-from fx.training.checkpoints import mark_complete
+from fx.training.checkpoints import manifest_callback
 from fx.training.distributed import batch_keys, current, largest, per_rank
 from fx.training.microbatch import split_steps
 from fx.training.qlora import keep_adapter_float32
@@ -54,10 +54,6 @@ def contract_callback(progress: Progress, log: Log):
             if progress.stop_signal is not None:
                 control.should_save = True
                 control.should_training_stop = True
-
-        def on_save(self, args, state, control, **kwargs):
-            if current().size > 1:
-                mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = dict(logs or {})
@@ -157,10 +153,14 @@ def build(method, model, tokenizer, rows: list[dict], session, progress: Progres
 
 
 def train(method, model, tokenizer, rows: list[dict], session, progress: Progress, log: Log,
-          resume_from: Path | None = None) -> dict[str, Any]:
+          resume_from: Path | None = None, trained_with: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train ``model`` under the run contract (continuing from the checkpoint ``resume_from``); what was measured.
-    Raises ``torch.OutOfMemoryError`` as it comes: the caller reports it with what it knows of the run."""
-    trainer = build(method, model, tokenizer, rows, session, progress, [contract_callback(progress, log)])
+    Each checkpoint gets its manifest, recording ``trained_with`` (the resolved experiment), and fx rotates them
+    (fx.training.checkpoints). Raises ``torch.OutOfMemoryError`` as it comes: the caller reports it with what it
+    knows of the run."""
+    callbacks = [contract_callback(progress, log),
+                 manifest_callback(session.checkpoint_keep, trained_with, resume_from)]
+    trainer = build(method, model, tokenizer, rows, session, progress, callbacks)
     start = time.perf_counter()
     with stop_on_signals(progress):
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
