@@ -198,6 +198,56 @@ def register_plugin(monkeypatch):
     return register
 
 
+@pytest.fixture
+def hungry_method(register_plugin):
+    """A method named ``hungry`` whose trainer runs out of GPU memory as CUDA reports it (simulated on the CPU)."""
+
+    class Hungry(fx.QLoraMethod):
+        def trainer(self, model, tokenizer, rows, session):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 48.00 MiB.")
+
+    class Plugin:
+        @fx.hookimpl
+        def fx_register_methods(self, register):
+            register("hungry", Hungry)
+
+    return register_plugin(Plugin(), "hungry-method")
+
+
+def assert_stopped_run_resumes_to_the_uninterrupted_adapter(path: Path, tmp_path: Path, register) -> None:
+    """Train ``path`` straight through, and again stopped after step 3 as SIGTERM would stop it (the step finished,
+    a checkpoint written) then resumed: the resumed run continues from the checkpoint at step 4 and ends with the
+    straight run's adapter."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    from fx.errors import Interrupted
+    from fx.run.resume import load_run
+
+    sets = ["checkpoints.every_steps=4", "stages.evaluate.enabled=false", "stages.generate.enabled=false"]
+    straight = pipeline.execute(config.load(path, [*sets, f'experiment.output_dir="{tmp_path / "straight"}"']),
+                                manager.get())
+
+    class StopAtStep3:
+        @fx.hookimpl
+        def fx_log(self, run, step, metrics):
+            if step == 3 and "loss" in metrics:
+                run.stop(signal.SIGTERM)
+
+    plugins = register(StopAtStep3(), "stop-at-3")
+    with pytest.raises(Interrupted):
+        pipeline.execute(config.load(path, [*sets, f'experiment.output_dir="{tmp_path / "stopped"}"']), plugins)
+    (folder,) = (tmp_path / "stopped").iterdir()
+    plugins.pm.unregister(name="stop-at-3")
+    pipeline.execute(load_run(folder), plugins, resume=folder)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["resumed_from_step"] == 4 and summary["steps"] == 8
+    a = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
 def has_cuda() -> bool:
     try:
         import torch

@@ -96,21 +96,7 @@ def test_gradient_checkpointing_takes_a_bool_auto_or_a_layer_count(write_experim
         config.load(write_experiment(TINY_EXPERIMENT, TINY_ROWS), [f"method.gradient_checkpointing={value}"])
 
 
-def test_out_of_memory_with_layers_left_out_suggests_checkpointing_them(tiny_experiment, register_plugin, capsys):
-    import torch
-
-    import fx
-
-    class Hungry(fx.QLoraMethod):
-        def trainer(self, model, tokenizer, rows, session):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 48.00 MiB.")
-
-    class Plugin:
-        @fx.hookimpl
-        def fx_register_methods(self, register):
-            register("hungry", Hungry)
-
-    register_plugin(Plugin(), "hungry-method")
+def test_out_of_memory_with_layers_left_out_suggests_checkpointing_them(tiny_experiment, hungry_method, capsys):
     assert main(["run", str(tiny_experiment), "--set", "method.name=hungry", "--set", "stages.evaluate.enabled=false",
                  "--set", "stages.generate.enabled=false", "--set", "method.gradient_checkpointing=1"]) == 1
     assert "--set method.gradient_checkpointing=true" in capsys.readouterr().err

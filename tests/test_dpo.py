@@ -8,13 +8,12 @@ import json
 import pytest
 import torch
 
-from conftest import ROOT, TINY_EXPERIMENT, TINY_ROWS
+from conftest import ROOT, TINY_EXPERIMENT, TINY_ROWS, assert_stopped_run_resumes_to_the_uninterrupted_adapter
 from fx import config, pipeline
 from fx.cli import main
 from fx.data.prepare import prepare
 from fx.hooks import manager
 from fx.plan import cost
-from fx.run.resume import load_run
 from fx.training import budget, contract
 from fx.training.method import Session
 
@@ -255,36 +254,7 @@ def test_sft_only_speed_levers_are_refused_for_dpo(write_experiment, capsys, ass
 
 
 def test_an_interrupted_dpo_run_resumes_to_the_uninterrupted_result(write_experiment, tmp_path, register_plugin):
-    import signal
-
-    from safetensors.torch import load_file
-
-    import fx
-    from fx.errors import Interrupted
-
-    sets = ["checkpoints.every_steps=4", "stages.evaluate.enabled=false", "stages.generate.enabled=false"]
-    path = dpo_experiment(write_experiment)
-    straight = pipeline.execute(config.load(path, [*sets, f'experiment.output_dir="{tmp_path / "straight"}"']),
-                              manager.get())
-
-    class StopAtStep3:  # as SIGTERM would: finish the step, checkpoint, stop
-        @fx.hookimpl
-        def fx_log(self, run, step, metrics):
-            if step == 3 and "loss" in metrics:
-                run.stop(signal.SIGTERM)
-
-    plugins = register_plugin(StopAtStep3(), "stop-at-3")
-    exp = config.load(path, [*sets, f'experiment.output_dir="{tmp_path / "stopped"}"'])
-    with pytest.raises(Interrupted):
-        pipeline.execute(exp, plugins)
-    (folder,) = (tmp_path / "stopped").iterdir()
-    plugins.pm.unregister(name="stop-at-3")
-    pipeline.execute(load_run(folder), plugins, resume=folder)
-    summary = json.loads((folder / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["resumed_from_step"] == 4 and summary["steps"] == 8
-    a = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert_stopped_run_resumes_to_the_uninterrupted_adapter(dpo_experiment(write_experiment), tmp_path, register_plugin)
 
 
 def test_shipped_smollm2_pairs_train_on_the_generation_prompt_and_close_with_eos():

@@ -6,7 +6,6 @@ resuming, the planner."""
 from __future__ import annotations
 
 import json
-import signal
 import tempfile
 from pathlib import Path
 
@@ -14,14 +13,12 @@ import pytest
 import torch
 
 import datasets
-from conftest import TINY_EXPERIMENT, TINY_ROWS
-from fx import config, pipeline
+from conftest import TINY_EXPERIMENT, TINY_ROWS, assert_stopped_run_resumes_to_the_uninterrupted_adapter
+from fx import config
 from fx.cli import main
 from fx.data.formats import to_examples
 from fx.data.prepare import load_examples, prepare
 from fx.errors import UserError
-from fx.hooks import manager
-from fx.run.resume import load_run
 from fx.training import budget, contract
 from fx.training.method import Session
 
@@ -140,8 +137,12 @@ def test_a_run_moves_the_rewards_apart_and_logs_trl_metrics(kto_run):
     steps = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     trained = [s for s in steps if "kl" in s]
     assert [s["step"] for s in trained] == list(range(1, 9))
-    for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "tokens_per_s"):
+    for key in ("loss", "tokens_per_s"):
         assert all(key in s for s in trained), key
+    # trl logs a kind's rewards and log-probabilities only for a micro-batch that holds rows of that kind
+    assert all("rewards/chosen" in s or "rewards/rejected" in s for s in trained)
+    for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        assert any(key in s for s in trained), key
     assert {"kl", "eval_label_accuracy"} <= set((folder / "metrics.csv").read_text().splitlines()[0].split(","))
 
 
@@ -187,33 +188,7 @@ def test_training_moves_the_adapter_the_reference_stays_the_base_and_kl_pairs_ne
 
 @pytest.mark.slow
 def test_a_stopped_run_resumes_to_the_uninterrupted_adapter(write_experiment, tmp_path, register_plugin):
-    from safetensors.torch import load_file
-
-    import fx
-    from fx.errors import Interrupted
-
-    sets = ["checkpoints.every_steps=4", "stages.evaluate.enabled=false", "stages.generate.enabled=false"]
-    path = kto_experiment(write_experiment)
-    straight = pipeline.execute(config.load(path, [*sets, f'experiment.output_dir="{tmp_path / "straight"}"']),
-                                manager.get())
-
-    class StopAtStep3:  # as SIGTERM would: finish the step, checkpoint, stop
-        @fx.hookimpl
-        def fx_log(self, run, step, metrics):
-            if step == 3 and "loss" in metrics:
-                run.stop(signal.SIGTERM)
-
-    plugins = register_plugin(StopAtStep3(), "stop-at-3")
-    with pytest.raises(Interrupted):
-        pipeline.execute(config.load(path, [*sets, f'experiment.output_dir="{tmp_path / "stopped"}"']), plugins)
-    (folder,) = (tmp_path / "stopped").iterdir()
-    plugins.pm.unregister(name="stop-at-3")
-    pipeline.execute(load_run(folder), plugins, resume=folder)
-    summary = json.loads((folder / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["resumed_from_step"] == 4 and summary["steps"] == 8
-    a = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert_stopped_run_resumes_to_the_uninterrupted_adapter(kto_experiment(write_experiment), tmp_path, register_plugin)
 
 
 # -- settings and the planner ---------------------------------------------------------------------------------------

@@ -196,21 +196,7 @@ def test_a_method_without_a_workload_runs_unplanned_unless_a_budget_needs_it(tin
     assert "can't be planned" in capsys.readouterr().err
 
 
-def test_out_of_memory_in_training_ends_the_run_with_one_line_and_a_summary(tiny_experiment, register_plugin, capsys):
-    import torch
-
-    import fx
-
-    class Hungry(fx.QLoraMethod):
-        def trainer(self, model, tokenizer, rows, session):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 48.00 MiB.")
-
-    class Plugin:
-        @fx.hookimpl
-        def fx_register_methods(self, register):
-            register("hungry", Hungry)
-
-    register_plugin(Plugin(), "hungry-method")
+def test_out_of_memory_in_training_ends_the_run_with_one_line_and_a_summary(tiny_experiment, hungry_method, capsys):
     assert main(["run", str(tiny_experiment), "--set", "method.name=hungry", "--set", "stages.evaluate.enabled=false",
                  "--set", "stages.generate.enabled=false"]) == 1
     err = capsys.readouterr().err

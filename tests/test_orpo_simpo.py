@@ -5,20 +5,17 @@ tokenized them, a stopped run resumes to the uninterrupted adapter, the planner'
 from __future__ import annotations
 
 import json
-import signal
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, TINY_EXPERIMENT
-from fx import config, pipeline
+from conftest import ROOT, TINY_EXPERIMENT, assert_stopped_run_resumes_to_the_uninterrupted_adapter
+from fx import config
 from fx.cli import main
 from fx.data.prepare import prepare
-from fx.hooks import manager
 from fx.plan import cost
-from fx.run.resume import load_run
 from fx.training import budget, contract
 from fx.training.method import Session
 
@@ -110,33 +107,8 @@ def test_trl_trains_on_the_rows_fx_tokenized(write_experiment):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", METHODS)
 def test_a_stopped_run_resumes_to_the_uninterrupted_adapter(write_experiment, tmp_path, register_plugin, name):
-    from safetensors.torch import load_file
-
-    import fx
-    from fx.errors import Interrupted
-
-    sets = ["checkpoints.every_steps=4", "stages.evaluate.enabled=false", "stages.generate.enabled=false"]
     path = write_experiment(experiment(name), PREF_ROWS)
-    straight = pipeline.execute(config.load(path, [*sets, f'experiment.output_dir="{tmp_path / "straight"}"']),
-                                manager.get())
-
-    class StopAtStep3:  # as SIGTERM would: finish the step, checkpoint, stop
-        @fx.hookimpl
-        def fx_log(self, run, step, metrics):
-            if step == 3 and "loss" in metrics:
-                run.stop(signal.SIGTERM)
-
-    plugins = register_plugin(StopAtStep3(), "stop-at-3")
-    with pytest.raises(Interrupted):
-        pipeline.execute(config.load(path, [*sets, f'experiment.output_dir="{tmp_path / "stopped"}"']), plugins)
-    (folder,) = (tmp_path / "stopped").iterdir()
-    plugins.pm.unregister(name="stop-at-3")
-    pipeline.execute(load_run(folder), plugins, resume=folder)
-    summary = json.loads((folder / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["resumed_from_step"] == 4 and summary["steps"] == 8
-    a = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert_stopped_run_resumes_to_the_uninterrupted_adapter(path, tmp_path, register_plugin)
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -136,9 +136,8 @@ def _cell(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def show(directory: Path, sort: str = "date", reverse: bool = False, compare_two=None) -> None:
-    """``fx runs``: the table of runs in ``directory``, or (``compare_two``) two runs' config differences and
-    metrics."""
+def show(directory: Path, sort: str = "date", reverse: bool = False, pair: list[str] | None = None) -> None:
+    """``fx runs``: the table of the runs in ``directory``, or with ``pair`` (two run names) their differences."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
@@ -146,8 +145,8 @@ def show(directory: Path, sort: str = "date", reverse: bool = False, compare_two
     console = Console()
     if not console.is_terminal:  # piped or redirected: whole rows, not cells wrapped to 80 columns
         console = Console(width=max(console.width, 240))
-    if compare_two:
-        a, b = (resolve(directory, name) for name in compare_two)
+    if pair:
+        a, b = (resolve(directory, name) for name in pair)
         config_rows, metric_rows = compare(a, b)
         for title, rows in ((f"config differences ({len(config_rows)})", config_rows), ("metrics", metric_rows)):
             table = Table(title=title, box=box.SIMPLE_HEAD)

@@ -21,7 +21,6 @@ from pydantic import Field, model_validator
 import fx
 from fx.data.tokenize import tokenize_unpaired
 from fx.evaluation import task_metric, unpaired_metrics
-from fx.training.kernels import compile_layers
 from fx.training.preference import PromptLengthSettings, reference_problems, with_lengths
 
 
@@ -55,12 +54,6 @@ class KTO(fx.QLoraMethod):
         s = self.settings
         return tokenize_unpaired(examples, template, tokenizer, max_length, s.max_prompt_length,
                                  s.max_completion_length)
-
-    def load(self, source, tokenizer):
-        model = self.attach(self.load_base(source))
-        if self.settings.compile:
-            compile_layers(model)
-        return model
 
     def reference(self, model):
         """A context in which ``model`` computes as KTO's reference: the base with the adapter off."""
