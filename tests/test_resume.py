@@ -106,6 +106,33 @@ def test_sigterm_writes_a_checkpoint_and_a_summary(experiment, tmp_path):
     assert "micro_batch_tokens = 64" in (folder / "config.toml").read_text()
 
 
+PAIRS = [{"prompt": f"What is {a} plus {b}?", "chosen": f"{a + b}", "rejected": "I do not know."}
+         for a in range(1, 7) for b in range(1, 5)]
+UNPAIRED = [{"prompt": p["prompt"], "completion": p["chosen"] if i % 3 else p["rejected"], "label": bool(i % 3)}
+            for i, p in enumerate(PAIRS)]
+
+
+@pytest.mark.parametrize("method", ["orpo", "simpo", "kto"])
+def test_sigterm_then_resume_for_the_preference_methods(write_experiment, tmp_path, method):
+    """The new methods get the shared layer's SIGTERM handling like every other: a checkpoint at the step it
+    stopped, exit 128 + SIGTERM with the resume command, and --resume finishing each step exactly once."""
+    text = TINY_EXPERIMENT.replace('name = "qlora_sft"', f'name = "{method}"')
+    path = write_experiment(text, UNPAIRED if method == "kto" else PAIRS)
+    proc = start(path, "--set", f"experiment.output_dir={tmp_path / 'runs'}", "--set", "stages.evaluate.enabled=false")
+    folder = wait_for_step(tmp_path / "runs", 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert f"Resume with: fx run --resume {folder}" in err and "Traceback" not in err
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and 2 <= summary["steps"] < 12
+    resumed = fx("run", "--resume", str(folder))
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((folder / "summary.json").read_text())["status"] == "completed"
+    assert train_steps(folder) == list(range(1, 13))
+    assert (folder / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_resume_refuses_a_folder_that_is_not_a_run(tmp_path):
     out = fx("run", "--resume", str(tmp_path))
     assert out.returncode == 2 and "not a run directory" in out.stderr
