@@ -7,31 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
-import warnings
 from pathlib import Path
 
-from fx.errors import Interrupted, TrainingFailed, UserError
-
-
-def _quiet_libraries() -> None:
-    """Library chatter (progress bars, deprecation notes) would bury fx's own output."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    # bitsandbytes says at import that an optional CPU kernel package is absent; its fallback is what runs.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    import transformers
-
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+from fx.errors import Interrupted, TrainingFailed, UserError, printable
+from fx.quiet import quiet_libraries, silence_noise
 
 
 def cmd_run(args) -> int:
@@ -44,13 +24,13 @@ def cmd_run(args) -> int:
     use_expandable_segments()
     if (args.file is None) == (args.resume is None):
         raise UserError("give an experiment file, or --resume RUN_DIR (not both)")
-    if args.resume is not None:
-        exp = load_run(args.resume, args.set)
-    else:
-        exp = config.load(args.file, args.set)
+    if args.reset_optimizer and args.resume is None:
+        raise UserError("--reset-optimizer goes with --resume RUN_DIR")
+    exp = (load_run(args.resume, args.set, reset_optimizer=args.reset_optimizer) if args.resume is not None
+           else config.load(args.file, args.set))
     if (launched := launch.start(exp, args.gpus, args.argv)) is not None:
         return launched
-    _quiet_libraries()
+    quiet_libraries()
     folder = launch.as_rank(exp, lambda: pipeline.execute(exp, manager.get(), resume=args.resume))
     if launch.rank() == 0:
         print(f"run finished: {folder}")
@@ -64,7 +44,9 @@ def cmd_validate(args) -> int:
     problems = []
     for file in args.files:
         try:
-            config.load(file, args.set)
+            found = config.check(config.load(file, args.set))  # every plugin's own check()
+            if found:
+                raise UserError("\n".join(found))
             print(f"{file}: ok")
         except ConfigError as exc:
             problems += exc.problems
@@ -78,22 +60,26 @@ def cmd_validate(args) -> int:
 def cmd_plugins(args) -> int:
     from fx.hooks import manager
 
-    infos = manager.get().info()
+    infos = manager.build(keep_broken=True).info()  # a broken plugin is listed, not fatal
     if args.json:
         print(json.dumps([info.__dict__ for info in infos], indent=2))
-        return 0
-    from rich.console import Console
-    from rich.table import Table
+    else:
+        from rich.console import Console
+        from rich.table import Table
 
-    console = Console()
-    if not console.is_terminal:  # piped or redirected: whole names, not cells cut to 80 columns
-        console = Console(width=max(console.width, 240))
-    table = Table(title="fx plugins")
-    for column in ("plugin", "version", "registers", "hooks"):
-        table.add_column(column, no_wrap=column != "hooks", overflow="fold")
-    for info in infos:
-        table.add_row(info.name, info.version, "\n".join(info.registers), "\n".join(info.hooks))
-    console.print(table)
+        console = Console()
+        if not console.is_terminal:  # piped or redirected: whole names, not cells cut to 80 columns
+            console = Console(width=max(console.width, 240))
+        table = Table(title="fx plugins")
+        for column in ("plugin", "version", "registers", "hooks"):
+            table.add_column(column, no_wrap=column != "hooks", overflow="fold")
+        for info in infos:
+            table.add_row(info.name, info.version, "broken" if info.broken else "\n".join(info.registers),
+                          "\n".join(info.hooks))
+        console.print(table)
+    broken = [info.broken for info in infos if info.broken]
+    if broken:
+        raise UserError("\n".join(broken))
     return 0
 
 
@@ -104,7 +90,7 @@ def cmd_data(args) -> int:
     from fx.data import report as data_report
 
     exp = config.load(args.file, args.set)
-    _quiet_libraries()
+    quiet_libraries()
     report = data_report.build(exp, args.examples, args.png)
     data_report.show(exp, report, Console(soft_wrap=True))
     return 0
@@ -122,7 +108,7 @@ def cmd_generate(args) -> int:
     from fx.evaluation import generate
 
     exp = inference.experiment(args.run_dir)
-    _quiet_libraries()
+    quiet_libraries()
     loaded = inference.load(args.run_dir, exp)
     max_new_tokens = args.max_new_tokens or exp.stages.generate.max_new_tokens
     conversations = [[{"role": "user", "content": p}] for p in args.prompt]
@@ -139,7 +125,7 @@ def cmd_chat(args) -> int:
     from fx.after.chat import chat
 
     exp = inference.experiment(args.run_dir)
-    _quiet_libraries()
+    quiet_libraries()
     loaded = inference.load(args.run_dir, exp)
     print(f"fx chat: {args.run_dir} (template {exp.template.name}); 'exit' or Ctrl-D ends", file=sys.stderr)
     chat(loaded, args.max_new_tokens or exp.stages.generate.max_new_tokens)
@@ -149,7 +135,7 @@ def cmd_chat(args) -> int:
 def cmd_eval(args) -> int:
     from fx.after import inference
 
-    _quiet_libraries()
+    quiet_libraries()
     print(json.dumps(inference.evaluate_run(args.run_dir, args.data), indent=2))
     return 0
 
@@ -159,7 +145,7 @@ def cmd_merge(args) -> int:
     from fx.after.merge import merge
 
     exp = inference.experiment(args.run_dir)
-    _quiet_libraries()
+    quiet_libraries()
     result = merge(exp, args.run_dir, args.out or args.run_dir / "merged", args.dtype, base=args.base)
     fidelity.report(result)
     return 0
@@ -169,7 +155,7 @@ def cmd_export(args) -> int:
     from fx.after import inference
     from fx.after.export import export, record, report
 
-    _quiet_libraries()
+    quiet_libraries()
     result = export(inference.experiment(args.run_dir), args.run_dir, args.format, args.quant, args.out)
     record(args.run_dir, result)
     print(f"exported ({result['format']}, {result['quant']}, {result['size_gib']} GiB): {result['out']}")
@@ -230,7 +216,7 @@ def cmd_bench(args) -> int:
         exp = config.load(args.file, args.set)
         if (launched := launch.start(exp, args.gpus, args.argv)) is not None:
             return launched
-        _quiet_libraries()
+        quiet_libraries()
         result = launch.as_rank(exp, lambda: measure.run(exp, steps=args.steps, warmup=args.warmup,
                                                          reference=args.reference, profile=args.profile))
         if launch.rank() != 0:
@@ -250,7 +236,11 @@ def parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run an experiment file")
     run.add_argument("file", type=Path, nargs="?")
-    run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its last complete checkpoint")
+    run.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                     help="continue a run from its newest checkpoint that verifies")
+    run.add_argument("--reset-optimizer", action="store_true",
+                     help="with --resume: continue from a checkpoint whose optimizer state is missing or damaged, "
+                          "with a fresh one")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a key, e.g. --set method.max_steps=10 (repeatable)")
     run.add_argument("--gpus", type=_positive, metavar="N", help="one process per GPU ([distributed] strategy)")
@@ -263,7 +253,7 @@ def parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="estimate peak GPU memory from the model's config alone; check a budget")
     plan.add_argument("file", type=Path)
-    plan.add_argument("--budget", metavar="GPU|GiB",
+    plan.add_argument("--budget", metavar="GPU|GiB", type=_budget,
                       help="t4, a10g, l4, a100-40, a100-80, h100 or a number of GiB (default: the file's [budget])")
     plan.add_argument("--json", action="store_true")
     plan.add_argument("--gpus", type=_positive, metavar="N", help="plan one rank of N GPUs; the budget is per GPU")
@@ -350,6 +340,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _budget(text: str) -> str:
+    from fx.plan.gpus import budget_gib
+
+    try:
+        budget_gib(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _percent(text: str) -> float:
     try:
         value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
@@ -361,6 +361,9 @@ def _percent(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The one place where fx's errors become what a user reads (control characters from their input escaped) and
+    an exit code: 2 for a mistake in what they gave, 1 for a failed training, 128+signal for a stopped one."""
+    silence_noise()
     args = parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)  # what the ranks --gpus launches run again
     from fx.run.launch import note_failure, rank
@@ -370,19 +373,27 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, Interrupted) as exc:
         note_failure(this, "refused" if isinstance(exc, UserError) else "interrupted", str(exc))
         if this == 0:
-            print(f"fx: {'error: ' if isinstance(exc, UserError) else ''}{exc}", file=sys.stderr)
+            print(f"fx: {'error: ' if isinstance(exc, UserError) else ''}{printable(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except TrainingFailed as exc:
         note_failure(this, getattr(exc, "status", "failed"), str(exc))
-        print(f"fx: training failed: {exc}", file=sys.stderr)
+        print(f"fx: training failed: {printable(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         note_failure(this, "interrupted", "interrupted")
         print("fx: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the OS refused a file of the user's (disk full, no permission, a name too long)
+        where = f"{exc.filename}: " if exc.filename else ""
+        message = printable(where + (exc.strerror or str(exc)))
+        note_failure(this, "refused", message)
+        if this == 0:
+            print(f"fx: error: {message}", file=sys.stderr)
+        return 2
     except Exception as exc:  # a bug, or a rank whose peer died: the launcher reports the first cause
         note_failure(this, "failed", f"rank {this}: {type(exc).__name__}: {exc}"[:2000])
         raise
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 
 class UserError(Exception):
     """A mistake in what the user gave fx (a file, a key, a plugin name): exit code 2, no traceback."""
@@ -33,3 +35,14 @@ class TrainingFailed(Exception):
     """Training broke (out of memory, say) after the run directory existed: exit code 1, what was written is kept."""
 
     exit_code = 1
+
+
+# bidirectional overrides and isolates reorder what a terminal shows
+_BIDI = {chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print on a terminal: control characters from a user's data or file names (escape sequences,
+    carriage returns, line separators, bidi overrides) are shown as ``\\x1b``-style escapes instead of acting."""
+    return "".join(ascii(ch)[1:-1] if (ch not in "\n\t" and unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp"))
+                   or ch in _BIDI else ch for ch in text)

@@ -147,6 +147,9 @@ def execute(exp: Experiment, plugins, resume: Path | None = None) -> Path:
     )
     if run.resume_step is not None:
         summary["resumed_from_step"] = run.resume_step
+        # what the run had trained stays on record until the resumed training measures it again (a resume that
+        # fails must not leave a summary that has lost its steps and loss)
+        summary.update({key: previous[key] for key in ("steps", "train_loss") if key in previous})
     if world.size > 1:
         summary["distributed"] = distributed.describe(world, exp.method.settings)
         if world.main and "message" in summary["distributed"]:
@@ -267,7 +270,7 @@ def _stages(exp: Experiment, prep: Prepared, run: Run, summary: Summary, previou
     with run.stage("train") as result:
         try:
             result.update(contract.train(method, model, prep.tokenizer, prep.train.rows, session, run.progress,
-                                         log, resume_from))
+                                         log, resume_from, trained_with=exp.resolved()))
         except torch.OutOfMemoryError as exc:
             summary["status"] = "out_of_memory"
             raise oom.failure(run.progress, fitted, cap, run.files.checkpoints, resume_command(run.dir),

@@ -24,6 +24,12 @@ TINY_ROWS = [
      "expect": [str(a + b)]}
     for a in range(1, 7) for b in range(1, 5)
 ]
+# The same arithmetic as preference pairs (DPO, ORPO, SimPO): the right sum chosen over a fixed wrong answer.
+PREF_ROWS = [{"prompt": f"What is {a} plus {b}?", "chosen": f"{a + b}", "rejected": "I do not know.",
+              "expect": [str(a + b)]} for a in range(1, 7) for b in range(1, 5)]
+# ... and as KTO's thumbs up/down rows: each question once, its answer right (desirable) or a refusal (not).
+UNPAIRED_ROWS = [{"prompt": p["prompt"], "completion": p["chosen"] if i % 3 else p["rejected"], "label": bool(i % 3),
+                  "expect": p["expect"]} for i, p in enumerate(PREF_ROWS)]
 
 
 @pytest.fixture(autouse=True)

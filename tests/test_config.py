@@ -74,8 +74,8 @@ def test_set_overrides_any_key(tiny_experiment):
 
 
 def test_set_with_wrong_type_is_a_config_error(tiny_experiment):
-    with pytest.raises(ConfigError, match="method.max_steps: input should be a valid integer"):
-        config.load(tiny_experiment, ["method.max_steps=many"])
+    with pytest.raises(ConfigError, match="^--set 'method.max_steps=many': input should be a valid integer"):
+        config.load(tiny_experiment, ["method.max_steps=many"])  # blamed on the --set, not on the file
 
 
 def test_malformed_set_is_refused(tiny_experiment):

@@ -18,7 +18,7 @@ from fx.plan.gpus import GIB
 from fx.plan.shapes import Architecture, Workload
 from fx.run.launch import cause
 from fx.sources.architectures import llama_config
-from fx.training.checkpoints import MARK, last_checkpoint
+from fx.training.checkpoints import last_checkpoint, ranks_of, write_manifest
 from fx.training.distributed import CPU_TEST, World, per_rank, per_rank_workload, problems
 
 FSDP_FILE = ROOT / "experiments" / "llama2_70b_fsdp.toml"
@@ -143,7 +143,7 @@ def test_gpus_refuses_what_cannot_work_before_anything_starts(write_experiment, 
         capsys, "run", exp, "--gpus", "2", *fsdp, "--set", "method.micro_batch_tokens=64")
     assert "cuda_graphs = true needs one process" in refused(
         capsys, "run", exp, "--gpus", "2", "--set", "method.cuda_graphs=true")
-    assert "distributed.strategy: input should be 'auto', 'ddp' or 'fsdp'" in refused(
+    assert "'distributed.strategy=zero3': input should be 'auto', 'ddp' or 'fsdp'" in refused(
         capsys, "run", exp, "--gpus", "2", "--set", "distributed.strategy=zero3")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert "under torchrun or accelerate launch leave it out" in refused(capsys, "run", exp, "--gpus", "2")
@@ -171,20 +171,24 @@ def test_a_method_that_cannot_shard_is_refused_fsdp(write_experiment, register_p
     assert "distributed.strategy = 'fsdp': method 'plain_sft' can't train that way (it supports: ddp)" in err
 
 
-def test_a_checkpoint_is_complete_once_every_rank_wrote_its_part(tmp_path):
-    def checkpoint(step: int, ranks: tuple[int, ...], marked: int | None):
+def test_a_checkpoint_is_complete_once_every_rank_wrote_its_part_and_its_manifest_verifies(tmp_path):
+    def checkpoint(step: int, ranks: tuple[int, ...], manifest: bool):
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
         for r in ranks:
             (folder / f"rng_state_{r}.pth").write_bytes(b"x")
-        if marked:
-            (folder / MARK).write_text(json.dumps({"world_size": marked, "strategy": "ddp"}))
+        if manifest:  # rank 0 writes it once every rank has written its part
+            write_manifest(folder, step, None, {"world_size": 2, "strategy": "ddp"})
+        return folder
 
-    checkpoint(4, (0, 1), 2)
-    checkpoint(8, (0, 1), None)  # rank 0 wrote its trainer state; fx's mark (after every rank) never came
-    checkpoint(12, (0,), 2)  # a mark with a rank's state missing (deleted by hand)
+    checkpoint(4, (0, 1), True)
+    checkpoint(8, (0, 1), False)  # rank 0 wrote its trainer state; the manifest (after every rank) never came
+    (checkpoint(12, (0, 1), True) / "rng_state_1.pth").unlink()  # a rank's state missing (deleted by hand)
     assert last_checkpoint(tmp_path) == (tmp_path / "checkpoint-4", 4)
+    assert ranks_of(tmp_path / "checkpoint-4") == {"world_size": 2, "strategy": "ddp"}
+    write_manifest(tmp_path / "checkpoint-8", 8, None, {"world_size": 1, "strategy": None})
+    assert ranks_of(tmp_path / "checkpoint-8") is None  # one process
 
 
 def test_the_launcher_names_the_rank_that_ended_a_run_not_its_echoes():

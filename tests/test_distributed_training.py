@@ -112,7 +112,7 @@ def test_ddp_with_micro_batch_2_on_each_of_2_ranks_trains_the_adapter_of_micro_b
     assert summary["train_tokens"] == alone["train_tokens"]  # every rank's tokens: the whole batch's
     assert [r["rank"] for r in summary["per_rank"]] == [0, 1] and all(r["peak_rss_gib"] for r in summary["per_rank"])
     checkpoint = folder / "checkpoints" / "checkpoint-12"
-    assert json.loads((checkpoint / "fx-ranks.json").read_text()) == {"world_size": 2, "strategy": "ddp"}
+    assert json.loads((checkpoint / "fx-manifest.json").read_text())["world"] == {"world_size": 2, "strategy": "ddp"}
     assert (checkpoint / "rng_state_0.pth").is_file() and (checkpoint / "rng_state_1.pth").is_file()
     # rank 0 alone wrote the run: one folder, as many metrics lines as one process writes (load, 12 steps, train,
     # save, summary)
@@ -205,7 +205,9 @@ def test_sigterm_stops_every_rank_after_the_same_step_with_a_checkpoint(experime
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "interrupted"
     checkpoint = folder / "checkpoints" / f"checkpoint-{summary['steps']}"
-    assert json.loads((checkpoint / "fx-ranks.json").read_text())["world_size"] == 2  # both ranks wrote it
+    manifest = json.loads((checkpoint / "fx-manifest.json").read_text())
+    assert manifest["world"]["world_size"] == 2  # written once both ranks wrote theirs
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(manifest["files"])
 
     refused = fx("run", "--resume", str(folder), "--gpus", "2", "--set", "distributed.strategy=fsdp")
     assert refused.returncode == 2 and "can't load; resume with --gpus 2" in refused.stderr

@@ -8,7 +8,13 @@ import json
 import pytest
 import torch
 
-from conftest import ROOT, TINY_EXPERIMENT, TINY_ROWS, assert_stopped_run_resumes_to_the_uninterrupted_adapter
+from conftest import (
+    PREF_ROWS,
+    ROOT,
+    TINY_EXPERIMENT,
+    TINY_ROWS,
+    assert_stopped_run_resumes_to_the_uninterrupted_adapter,
+)
 from fx import config, pipeline
 from fx.cli import main
 from fx.data.prepare import prepare
@@ -17,9 +23,6 @@ from fx.plan import cost
 from fx.training import budget, contract
 from fx.training.method import Session
 
-# The tiny experiment's arithmetic as preference pairs: the right sum chosen over a fixed wrong answer.
-PREF_ROWS = [{"prompt": f"What is {a} plus {b}?", "chosen": f"{a + b}", "rejected": "I do not know.",
-              "expect": [str(a + b)]} for a in range(1, 7) for b in range(1, 5)]
 DPO_EXPERIMENT = (TINY_EXPERIMENT.replace('name = "qlora_sft"', 'name = "dpo"\nbeta = 0.1')
                   .replace("max_steps = 12", "max_steps = 8") + "\n[trackers.csv]\n")
 

@@ -13,7 +13,13 @@ import pytest
 import torch
 
 import datasets
-from conftest import TINY_EXPERIMENT, TINY_ROWS, assert_stopped_run_resumes_to_the_uninterrupted_adapter
+from conftest import (
+    PREF_ROWS,
+    TINY_EXPERIMENT,
+    TINY_ROWS,
+    UNPAIRED_ROWS,
+    assert_stopped_run_resumes_to_the_uninterrupted_adapter,
+)
 from fx import config
 from fx.cli import main
 from fx.data.formats import to_examples
@@ -22,22 +28,17 @@ from fx.errors import UserError
 from fx.training import budget, contract
 from fx.training.method import Session
 
-PAIRS = [{"prompt": f"What is {a} plus {b}?", "chosen": f"{a + b}", "rejected": "I do not know.",
-          "expect": [str(a + b)]} for a in range(1, 7) for b in range(1, 5)]
-# thumbs up/down rows: each question once, its answer right (desirable) or a refusal (not)
-ROWS = [{"prompt": p["prompt"], "completion": p["chosen"] if i % 3 else p["rejected"], "label": bool(i % 3),
-         "expect": p["expect"]} for i, p in enumerate(PAIRS)]
 KTO_EXPERIMENT = (TINY_EXPERIMENT.replace('name = "qlora_sft"', 'name = "kto"\nbeta = 0.1')
                   .replace("max_steps = 12", "max_steps = 8") + "\n[trackers.csv]\n")
 
 
-def kto_experiment(write_experiment, rows=ROWS, text=KTO_EXPERIMENT):
+def kto_experiment(write_experiment, rows=UNPAIRED_ROWS, text=KTO_EXPERIMENT):
     return write_experiment(text, rows)
 
 
 @pytest.fixture(scope="module")
 def kto_run(train_tiny):
-    return train_tiny("kto", KTO_EXPERIMENT, ROWS, overrides=["stages.generate.enabled=false"])
+    return train_tiny("kto", KTO_EXPERIMENT, UNPAIRED_ROWS, overrides=["stages.generate.enabled=false"])
 
 
 # -- data -----------------------------------------------------------------------------------------------------------
@@ -68,22 +69,22 @@ def test_rows_that_dont_fit_are_reported_by_number():
 
 
 def test_a_label_given_as_text_is_refused_with_what_it_was(write_experiment, capsys):
-    path = kto_experiment(write_experiment, [{**r, "label": "yes"} for r in ROWS])
+    path = kto_experiment(write_experiment, [{**r, "label": "yes"} for r in UNPAIRED_ROWS])
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
     assert "not 'yes'" in err and "'label' must be true" in err and "Traceback" not in err
 
 
 def test_pairs_are_refused_for_kto_with_the_option_that_converts_them(write_experiment, capsys):
-    assert main(["run", str(kto_experiment(write_experiment, PAIRS))]) == 2
+    assert main(["run", str(kto_experiment(write_experiment, PREF_ROWS))]) == 2
     err = capsys.readouterr().err
     assert "the data are preference pairs" in err and "set data.unpair = true" in err and "Traceback" not in err
 
 
 def test_data_unpair_makes_two_rows_of_each_pair_after_the_split(write_experiment):
-    exp = config.load(kto_experiment(write_experiment, PAIRS), ["data.unpair=true"])
+    exp = config.load(kto_experiment(write_experiment, PREF_ROWS), ["data.unpair=true"])
     train, held = load_examples(exp)
-    assert len(train) + len(held) == 2 * len(PAIRS) and all(e.kind == "unpaired" for e in train + held)
+    assert len(train) + len(held) == 2 * len(PREF_ROWS) and all(e.kind == "unpaired" for e in train + held)
     assert [(e.completion, e.label) for e in train[:2]] == [(train[0].completion, True), ("I do not know.", False)]
     assert train[0].messages == train[1].messages
     assert not {e.messages[0]["content"] for e in train} & {e.messages[0]["content"] for e in held}
@@ -100,7 +101,7 @@ def test_unpair_on_rows_that_are_not_pairs_is_refused(write_experiment, capsys):
 
 @pytest.mark.parametrize("method", ["qlora_sft", "dpo"])
 def test_unpaired_rows_are_refused_for_other_methods(write_experiment, capsys, method):
-    path = write_experiment(TINY_EXPERIMENT.replace('name = "qlora_sft"', f'name = "{method}"'), ROWS)
+    path = write_experiment(TINY_EXPERIMENT.replace('name = "qlora_sft"', f'name = "{method}"'), UNPAIRED_ROWS)
     assert main(["run", str(path)]) == 2
     assert "the data are unpaired rows" in capsys.readouterr().err
 

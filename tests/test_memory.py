@@ -133,7 +133,7 @@ def test_allocator_fraction_leaves_room_for_what_the_allocator_cannot_see():
 
 def test_budget_section_is_validated(write_experiment):
     path = write_experiment(TINY_EXPERIMENT + '\n[budget]\ngpu = "t5"\n', TINY_ROWS)
-    with pytest.raises(ConfigError, match="budget.gpu: value error, unknown gpu 't5'"):
+    with pytest.raises(ConfigError, match="budget.gpu: value error, unknown GPU 't5'"):
         config.load(path)
     for extra, message in (('gpu = "t4"\nvram_gib = 10.0', "not both"), ("auto = true", "auto needs a budget")):
         path = write_experiment(TINY_EXPERIMENT + f"\n[budget]\n{extra}\n", TINY_ROWS)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY_EXPERIMENT, assert_stopped_run_resumes_to_the_uninterrupted_adapter
+from conftest import PREF_ROWS, ROOT, TINY_EXPERIMENT, assert_stopped_run_resumes_to_the_uninterrupted_adapter
 from fx import config
 from fx.cli import main
 from fx.data.prepare import prepare
@@ -19,8 +19,6 @@ from fx.plan import cost
 from fx.training import budget, contract
 from fx.training.method import Session
 
-PREF_ROWS = [{"prompt": f"What is {a} plus {b}?", "chosen": f"{a + b}", "rejected": "I do not know.",
-              "expect": [str(a + b)]} for a in range(1, 7) for b in range(1, 5)]
 METHODS = ["orpo", "simpo"]
 # metrics trl logs every step, besides loss, learning rate and grad norm
 TRL_METRICS = {"orpo": ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",

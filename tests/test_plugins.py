@@ -215,10 +215,15 @@ def test_unknown_hook_fails_loudly_naming_the_plugin(tmp_path):
 
 def test_import_error_names_the_plugin(tmp_path):
     path = _entry_point_package(tmp_path, "import does_not_exist_anywhere\n")
-    out = fx_cli("plugins", env={"PYTHONPATH": str(path)})
+    out = fx_cli("plugins", "--json", env={"PYTHONPATH": str(path)})
     assert out.returncode == 2
     assert "plugin 'broken'" in out.stderr and "does_not_exist_anywhere" in out.stderr
     assert "Traceback" not in out.stderr
+    assert "FX_DISABLE_PLUGINS=broken" in out.stderr  # how to skip it
+    listed = {p["name"]: p for p in json.loads(out.stdout)}  # fx plugins still lists everything, the broken one too
+    assert "does_not_exist_anywhere" in listed["broken"]["broken"] and "fx.plugins.methods.qlora_sft" in listed
+    skipped = fx_cli("plugins", "--json", env={"PYTHONPATH": str(path), "FX_DISABLE_PLUGINS": "broken"})
+    assert skipped.returncode == 0 and "broken" not in {p["name"] for p in json.loads(skipped.stdout)}
 
 
 def test_plugins_table_lists_versions_and_hooks():

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_EXPERIMENT, TINY_ROWS
+from conftest import PREF_ROWS, TINY_EXPERIMENT, TINY_ROWS, UNPAIRED_ROWS
 
 pytestmark = pytest.mark.slow  # every test here starts fx processes that train
 
@@ -46,6 +46,20 @@ def wait_for_step(folder_parent: Path, step: int, proc: subprocess.Popen, timeou
                 return metrics.parent
         time.sleep(0.1)
     raise TimeoutError(f"step {step} never came")
+
+
+def stop_with_sigterm(path: Path, out: Path, *sets: str) -> tuple[Path, dict]:
+    """Start ``path`` in a real fx process, SIGTERM it once step 2 is logged and check how it stopped: exit
+    128 + SIGTERM, the resume command, no traceback, an interrupted summary. Returns the run folder and summary."""
+    proc = start(path, "--set", f"experiment.output_dir={out}", *sets)
+    folder = wait_for_step(out, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert f"Resume with: fx run --resume {folder}" in err and "Traceback" not in err
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and 2 <= summary["steps"] < 12
+    return folder, summary
 
 
 def train_steps(folder: Path) -> list[int]:
@@ -82,14 +96,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(experiment, tmp_path):
 
 
 def test_sigterm_writes_a_checkpoint_and_a_summary(experiment, tmp_path):
-    proc = start(experiment, "--set", f"experiment.output_dir={tmp_path / 'runs'}")
-    folder = wait_for_step(tmp_path / "runs", 2, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGTERM
-    assert f"Resume with: fx run --resume {folder}" in err and "Traceback" not in err
-    summary = json.loads((folder / "summary.json").read_text())
-    assert summary["status"] == "interrupted" and 2 <= summary["steps"] < 12
+    folder, summary = stop_with_sigterm(experiment, tmp_path / "runs")
     from fx.training.checkpoints import last_checkpoint
 
     checkpoint, step = last_checkpoint(folder / "checkpoints")
@@ -104,6 +111,20 @@ def test_sigterm_writes_a_checkpoint_and_a_summary(experiment, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert train_steps(folder) == list(range(1, 13))
     assert "micro_batch_tokens = 64" in (folder / "config.toml").read_text()
+
+
+@pytest.mark.parametrize("method", ["orpo", "simpo", "kto"])
+def test_sigterm_then_resume_for_the_preference_methods(write_experiment, tmp_path, method):
+    """The new methods get the shared layer's SIGTERM handling like every other: a checkpoint at the step it
+    stopped, exit 128 + SIGTERM with the resume command, and --resume finishing each step exactly once."""
+    text = TINY_EXPERIMENT.replace('name = "qlora_sft"', f'name = "{method}"')
+    path = write_experiment(text, UNPAIRED_ROWS if method == "kto" else PREF_ROWS)
+    folder, _ = stop_with_sigterm(path, tmp_path / "runs", "--set", "stages.evaluate.enabled=false")
+    resumed = fx("run", "--resume", str(folder))
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((folder / "summary.json").read_text())["status"] == "completed"
+    assert train_steps(folder) == list(range(1, 13))
+    assert (folder / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_resume_refuses_a_folder_that_is_not_a_run(tmp_path):

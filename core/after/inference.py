@@ -16,7 +16,7 @@ from fx.data.prepare import metric_problems, prepare
 from fx.errors import UserError
 from fx.hooks import manager
 from fx.run.directory import RunDir
-from fx.run.resume import load_run
+from fx.run.resume import read_run
 from fx.training.devices import device
 
 RECORD = "fx_merged.json"  # written by fx merge into the merged folder: the run it came from, its base and dtype
@@ -55,7 +55,7 @@ def run_of(folder: Path) -> Path:
 def experiment(run_dir: Path) -> Experiment:
     """The run's resolved experiment (of a merged folder: its run's), relative paths resolved from the original
     experiment file's folder."""
-    return load_run(run_of(run_dir))
+    return read_run(run_of(run_dir))
 
 
 def load_merged(folder: Path, dtype=None):

@@ -36,5 +36,6 @@ def push(run_dir: Path, repo: str) -> str:
         api.upload_folder(folder_path=str(folder), repo_id=repo,
                           commit_message=f"fx: {folder.name} of {Path(run_dir).name}")
     except Exception as exc:  # the hub or the network refused (HTTP, connection, permission): say so in a line
-        raise UserError(f"fx push to {repo!r} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
+        first = (str(exc).splitlines() or [""])[0][:300]
+        raise UserError(f"fx push to {repo!r} failed: {type(exc).__name__}: {first}") from None
     return str(url)

@@ -7,6 +7,11 @@ An experiment names a plugin in five places (``[model] source``, ``[data] source
 from __future__ import annotations
 
 import copy
+import json
+import math
+import os
+import re
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +47,9 @@ PLUGIN_SECTIONS = {
 }
 SECTIONS = ("experiment", "model", "data", "template", "method", "trackers", "stages", "checkpoints", "budget",
             "distributed")
+MAX_DEPTH = 32  # tables and arrays nested deeper are refused (fx's own keys nest at most 4 levels)
+BARE = re.compile(r"^[A-Za-z0-9_-]+$")  # a TOML key that needs no quotes
+MAX_BYTES = 1 << 24  # an experiment file is a few KiB; anything over 16 MiB is not one
 
 
 @dataclass(frozen=True)
@@ -96,9 +104,28 @@ def _drop_none(value: Any) -> Any:
     return value
 
 
-def _fmt_value(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+def toml_text(value: Any, limit: int = 60) -> str:
+    """``value`` as TOML spells it (``true``, ``"x"``, ``[1, 2]``), cut to ``limit`` characters."""
+    text = _toml(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _toml(value: Any) -> str:
+    if value is None:
+        return "(unset)"  # TOML has no null: a key left out
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else "inf" if value > 0 else "-inf"
+    if isinstance(value, str):  # a literal string when it can be one, else a basic one (escaped as JSON escapes)
+        plain = "'" not in value and all(ch.isprintable() for ch in value)
+        return f"'{value}'" if plain else json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(_toml, value)) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k if BARE.match(str(k)) else _toml(str(k))} = {_toml(v)}"
+                               for k, v in value.items()) + "}"
+    return str(value)
 
 
 def _validate(
@@ -106,7 +133,7 @@ def _validate(
 ) -> BaseModel | None:
     """Validate ``data`` against ``model``; append one readable line per problem, prefixed by the key path."""
     if not isinstance(data, dict):
-        problems.append(f"{path}: expected a table, got {_fmt_value(data)}")
+        problems.append(f"{path}: expected a table, got {toml_text(data)}")
         return None
     try:
         return model.model_validate(data)
@@ -119,7 +146,8 @@ def _validate(
             elif err["type"] == "missing":
                 problems.append(f"{loc}: required key is missing")
             else:
-                problems.append(f"{loc}: {err['msg'].lower()} (got {_fmt_value(err.get('input'))})")
+                msg = err["msg"]
+                problems.append(f"{loc}: {msg[:1].lower()}{msg[1:]} (got {toml_text(err.get('input'))})")
         return None
 
 
@@ -128,7 +156,7 @@ def _select(section: str, data: Any, problems: list[str],
     """Validate a section that names a plugin: the naming key picks the class whose Settings check the rest."""
     key, kind = PLUGIN_SECTIONS[section]
     if not isinstance(data, dict):
-        problems.append(f"{section}: expected a table, got {_fmt_value(data)}")
+        problems.append(f"{section}: expected a table, got {toml_text(data)}")
         return None, None
     registry = manager.get()[kind]
     core_fields = set(core.model_fields) if core else {key}
@@ -139,9 +167,12 @@ def _select(section: str, data: Any, problems: list[str],
     if name is None:
         problems.append(f"{section}.{key}: required key is missing (one of: {', '.join(registry.names())})")
         return None, core_settings
+    if isinstance(name, str) and name not in registry and manager.disabled(name):
+        problems.append(f"{section}.{key}: {kind[:-1]} {name!r} is disabled by FX_DISABLE_PLUGINS")
+        return None, core_settings
     if not isinstance(name, str) or name not in registry:
         problems.append(
-            f"{section}.{key}: unknown {kind[:-1]} {_fmt_value(name)}{did_you_mean(name, registry.names())}"
+            f"{section}.{key}: unknown {kind[:-1]} {toml_text(name)}{did_you_mean(name, registry.names())}"
             f" (installed: {', '.join(registry.names())})"
         )
         return None, core_settings
@@ -155,11 +186,14 @@ def _select(section: str, data: Any, problems: list[str],
 
 def _trackers(data: Any, problems: list[str]) -> list[Selected]:
     if not isinstance(data, dict):
-        problems.append(f"trackers: expected a table of tracker names, got {_fmt_value(data)}")
+        problems.append(f"trackers: expected a table of tracker names, got {toml_text(data)}")
         return []
     registry = manager.get()["trackers"]
     chosen = []
     for name, settings in data.items():
+        if name not in registry and manager.disabled(name):
+            problems.append(f"trackers.{name}: tracker {name!r} is disabled by FX_DISABLE_PLUGINS")
+            continue
         if name not in registry:
             problems.append(
                 f"trackers.{name}: unknown tracker{did_you_mean(name, registry.names())} "
@@ -178,46 +212,115 @@ def _trackers(data: Any, problems: list[str]) -> list[Selected]:
     return chosen
 
 
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether ``value`` nests tables or arrays more than ``limit`` levels deep (walked without recursion)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth >= limit:
+                return True
+            stack += [(child, depth + 1) for child in (item.values() if isinstance(item, dict) else item)]
+    return False
+
+
 def parse_value(text: str) -> Any:
     """A ``--set`` value: TOML syntax when it parses (``10``, ``true``, ``[1, 2]``, ``"x"``), else a plain string."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    except RecursionError:
+        value = None
+    if value is None or too_deep(value):
+        raise UserError(f"--set {toml_text(text)}: the value nests deeper than {MAX_DEPTH} levels")
+    return value
+
+
+def set_key(assignment: str) -> str:
+    """The dotted key an ``a.b.c=value`` assignment sets."""
+    return assignment.partition("=")[0].strip()
 
 
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
     """Apply ``a.b.c=value`` to the raw experiment data."""
     key, sep, value = assignment.partition("=")
     parts = key.strip().split(".")
+    shown = toml_text(assignment)
     if not sep or not all(parts):
-        raise UserError(f"--set {assignment!r}: expected KEY.PATH=VALUE, e.g. --set method.max_steps=10")
+        raise UserError(f"--set {shown}: expected KEY.PATH=VALUE, e.g. --set method.max_steps=10")
+    if len(parts) > MAX_DEPTH:
+        raise UserError(f"--set {shown}: a key {len(parts)} levels deep; fx's keys nest at most {MAX_DEPTH}")
     node = raw
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise UserError(f"--set {assignment!r}: {part!r} is not a table")
+            raise UserError(f"--set {shown}: {part!r} is not a table")
         node = child
     node[parts[-1]] = parse_value(value.strip())
 
 
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
 def read_toml(path: Path) -> dict[str, Any]:
+    """The TOML file at ``path``; UserError (naming the file) for anything that is not a readable, sane TOML file. A
+    FIFO or device is refused without being opened for reading, so it cannot hang fx."""
     try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise UserError(f"{path}: no such experiment file") from None
     except IsADirectoryError:
         raise UserError(f"{path}: is a directory, not an experiment file") from None
+    except (OSError, ValueError) as exc:  # a link loop, a name too long, a NUL byte, no permission
+        raise UserError(f"{path}: cannot read the experiment file: {_reason(exc)}") from None
+    with os.fdopen(fd, "rb") as fh:
+        mode = os.fstat(fd)
+        if stat.S_ISDIR(mode.st_mode):
+            raise UserError(f"{path}: is a directory, not an experiment file")
+        if not stat.S_ISREG(mode.st_mode):
+            raise UserError(f"{path}: not a regular file (a FIFO, device or socket); give a TOML file")
+        if mode.st_size > MAX_BYTES:
+            raise UserError(f"{path}: {mode.st_size} bytes is too large for an experiment file")
+        try:
+            data = fh.read(MAX_BYTES + 1)
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read the experiment file: {_reason(exc)}") from None
+    try:
+        raw = tomllib.loads(data.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raw = None
+    if raw is None or too_deep(raw):
+        raise UserError(f"{path}: tables or arrays nest deeper than {MAX_DEPTH} levels; an experiment needs a few")
+    return raw
 
 
-def from_dict(raw: dict[str, Any], path: Path, base_dir: Path | None = None) -> Experiment:
+def _blame(problems: list[str], path: Path, overrides: dict[str, str]) -> list[str]:
+    """Each problem prefixed with where it came from: the ``--set`` that set its key, else the file."""
+    out = []
+    for problem in problems:
+        key, _, rest = problem.partition(": ")
+        cause = next((a for k, a in overrides.items()
+                      if key == k or key.startswith(k + ".") or k.startswith(key + ".")), None)
+        if cause is None:
+            out.append(f"{path}: {problem}")
+        else:
+            out.append(f"--set {toml_text(cause)}: {rest if key == set_key(cause) else problem}")
+    return out
+
+
+def from_dict(raw: dict[str, Any], path: Path, base_dir: Path | None = None,
+              overrides: dict[str, str] | None = None) -> Experiment:
     """Validate raw experiment data; raise ConfigError naming every problem with the file and key path.
 
     ``base_dir`` is where relative paths start (default: the file's folder; a run's saved config passes the
-    folder of the experiment file it was made from)."""
+    folder of the experiment file it was made from). ``overrides``: the dotted keys ``--set`` set, and the
+    assignment that set each, so that a problem there is blamed on the ``--set``."""
+    if too_deep(raw):
+        raise UserError(f"{path}: tables or arrays nest deeper than {MAX_DEPTH} levels")
     raw = copy.deepcopy(raw)
     problems: list[str] = []
     for key in raw:
@@ -239,10 +342,18 @@ def from_dict(raw: dict[str, Any], path: Path, base_dir: Path | None = None) -> 
     budget = _validate(BudgetSettings, raw.get("budget", {}), "budget", problems)
     distributed = _validate(DistributedSettings, raw.get("distributed", {}), "distributed", problems)
     if problems:
-        raise ConfigError([f"{path}: {p}" for p in problems])
+        raise ConfigError(_blame(problems, path, overrides or {}))
     base = Path(base_dir) if base_dir is not None else path.resolve().parent
     return Experiment(path, experiment, model, data, dataset, template, method, trackers, stages, checkpoints, base,
                       raw, budget, distributed)
+
+
+def check(exp: Experiment) -> list[str]:
+    """What each plugin the experiment names finds wrong before anything loads (``check()`` of its dataset source,
+    model source and method; trackers are checked as the file is read), each line naming the file."""
+    found = [*exp.dataset.cls(exp.dataset.settings, exp.base_dir).check(), *exp.model.cls(exp.model.settings).check(),
+             *exp.method.cls(exp.method.settings).check()]
+    return [f"{exp.path}: {p}" for p in found]
 
 
 def load(path: str | Path, overrides: list[str] = (), base_dir: Path | None = None) -> Experiment:
@@ -250,4 +361,4 @@ def load(path: str | Path, overrides: list[str] = (), base_dir: Path | None = No
     raw = read_toml(path)
     for assignment in overrides:
         apply_override(raw, assignment)
-    return from_dict(raw, path, base_dir)
+    return from_dict(raw, path, base_dir, {set_key(a): a for a in overrides})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -14,7 +15,14 @@ class ExperimentSettings(Settings):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     description: str = ""
     seed: int = Field(0, ge=0, le=2**32 - 1)
-    output_dir: str = Field("runs", min_length=1, max_length=4096)
+    output_dir: str = Field("runs", min_length=1, max_length=4096)  # ~ is the user's home
+
+    @field_validator("output_dir")
+    @classmethod
+    def _a_folder_name(cls, value: str) -> str:
+        if "\0" in value:
+            raise ValueError("a path can't hold a NUL character")
+        return str(Path(value).expanduser()) if value.startswith("~") else value
 
 
 class DataSettings(Settings):

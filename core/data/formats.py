@@ -217,6 +217,17 @@ CONVERTERS: dict[str, Callable[[dict[str, Any], Names], Example]] = {
 }
 
 
+def _each(rows):
+    """The rows as dicts, read from a ``datasets.Dataset`` a batch at a time (row by row costs ~0.2 ms each)."""
+    if not hasattr(rows, "iter"):
+        yield from rows
+        return
+    for batch in rows.iter(batch_size=1024):
+        names = list(batch)
+        for values in zip(*(batch[name] for name in names)):
+            yield dict(zip(names, values))
+
+
 def detect_format(columns: list[str], where: str) -> str:
     for name, spec in FORMATS.items():
         if all(c in columns for c in spec.columns):
@@ -254,7 +265,7 @@ def to_examples(rows, fmt: str, where: str, columns: dict[str, str] | None = Non
         return columns.get(key, key)
 
     examples, bad = [], []
-    for index, row in enumerate(rows):
+    for index, row in enumerate(_each(rows)):
         try:
             examples.append(convert(row, name))
         except ValueError as exc:

@@ -46,8 +46,9 @@ def load_examples(exp: Experiment) -> tuple[list[Example], list[Example]]:
     train_rows, eval_rows = dataset.load()
     if exp.data.max_rows:
         train_rows = train_rows.select(range(min(exp.data.max_rows, len(train_rows))))
-    train = to_examples(train_rows, exp.data.format, "data (train)", exp.data.columns)
-    held = to_examples(eval_rows, exp.data.format, "data (eval)", exp.data.columns) if eval_rows is not None else None
+    train = to_examples(train_rows, exp.data.format, dataset.origin(), exp.data.columns)
+    held = (to_examples(eval_rows, exp.data.format, dataset.origin(held_out=True), exp.data.columns)
+            if eval_rows is not None else None)
     train, held = split(train, held, exp.data.eval_fraction, exp.experiment.seed)
     if exp.data.unpair:
         other = next((e.kind for e in train + held if not e.is_preference), None)

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fx.config import Experiment
-from fx.data.prepare import check_kind, load_examples
+from fx.data.prepare import check_kind, load_examples, refuse
 from fx.data.templating import Rendered
 from fx.data.tokenize import render
-from fx.errors import UserError
+from fx.errors import UserError, printable
 from fx.files import write_atomic
 
 OPEN, CLOSE = "⟦", "⟧"  # around loss-bearing text in the printed examples
@@ -104,10 +104,15 @@ def answer_pieces(method, example, template, tokenizer, max_length: int):
 
 def build(exp: Experiment, count: int, png: Path | None) -> Report:
     """Tokenize every row as the run's method does, and render the first ``count`` training rows."""
+    path = png or Path(exp.experiment.output_dir) / f"{exp.experiment.name}-lengths.png"
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; give --png the name of the PNG file to write")
     train, held = load_examples(exp)
     check_kind(exp, train + held)
     method = exp.method.cls(exp.method.settings)
-    tokenizer = exp.model.cls(exp.model.settings).tokenizer()
+    source = exp.model.cls(exp.model.settings)
+    refuse(exp, source.check())
+    tokenizer = source.tokenizer()
     template = exp.template.cls(exp.template.settings, tokenizer)
     max_length = exp.data.max_length
     shown = []
@@ -124,9 +129,12 @@ def build(exp: Experiment, count: int, png: Path | None) -> Report:
         raise UserError(f"template {exp.template.name!r}: {exc}") from None
     lengths = [n for part in parts for n in part.lengths]
     stats = LengthStats.of(lengths, sum(p.truncated for p in parts), sum(p.dropped for p in parts))
-    path = png or Path(exp.experiment.output_dir) / f"{exp.experiment.name}-lengths.png"
     title = f"{exp.experiment.name}: template {exp.template.name!r}"
-    return Report(stats, shown, length_histogram(lengths, max_length, path, title), len(train), len(held),
+    try:
+        histogram = length_histogram(lengths, max_length, path, title)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write the length histogram: {exc.strerror or exc}") from None
+    return Report(stats, shown, histogram, len(train), len(held),
                   train[0].kind)
 
 
@@ -147,6 +155,7 @@ def show(exp: Experiment, report: Report, console) -> None:
         console.print(Rule(label + (f" — truncated at data.max_length = {exp.data.max_length}" if cut else "")))
         out = Text()
         for text, loss in pieces:
+            text = printable(text)  # a dataset's escape sequences are shown, never sent to the terminal
             out.append(f"{OPEN}{text}{CLOSE}" if loss else text, style="bold green" if loss else None)
         console.print(out, highlight=False, markup=False)
     console.print(Rule("token lengths"))

@@ -124,13 +124,32 @@ def encode(tokenizer, rendered: Rendered, max_length: int) -> tuple[dict[str, li
     Tokens are assigned to a span by where they start, so a token that begins an answer with a space
     belongs to the answer.
     """
-    enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
-    ids = enc["input_ids"][:max_length]
-    labels = []
-    for token_id, (start, _end) in zip(ids, enc["offset_mapping"]):
-        inside = any(s <= start < e for s, e in rendered.spans)
-        labels.append(token_id if inside else -100)
-    return {"input_ids": ids, "labels": labels}, len(enc["input_ids"])
+    return encode_all(tokenizer, [rendered], max_length)[0]
+
+
+def encode_all(tokenizer, renderings: list[Rendered], max_length: int,
+               batch: int = 512) -> list[tuple[dict[str, list[int]], int]]:
+    """:func:`encode` of each rendering, tokenized a batch at a time (one call into the tokenizer per batch, not per
+    row: the per-call overhead dominated on large files)."""
+    out = []
+    for first in range(0, len(renderings), batch):
+        chunk = renderings[first : first + batch]
+        enc = tokenizer([r.text for r in chunk], add_special_tokens=False, return_offsets_mapping=True,
+                        truncation=False)
+        for rendered, ids, offsets in zip(chunk, enc["input_ids"], enc["offset_mapping"]):
+            out.append(({"input_ids": ids[:max_length], "labels": _labels(ids[:max_length], offsets, rendered.spans)},
+                        len(ids)))
+    return out
+
+
+def _labels(ids: list[int], offsets, spans) -> list[int]:
+    """Each token's id where it starts inside a loss span, else -100 (one walk over tokens and sorted spans)."""
+    spans, labels, j = sorted(spans), [], 0
+    for token_id, (start, _end) in zip(ids, offsets):
+        while j < len(spans) and spans[j][1] <= start:
+            j += 1
+        labels.append(token_id if j < len(spans) and spans[j][0] <= start else -100)
+    return labels
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fx.data.formats import Example
-from fx.data.templating import Message, Rendered, Template, encode
+from fx.data.templating import Message, Rendered, Template, encode, encode_all
 
 
 def render(template: Template, example: Example):
@@ -42,12 +42,10 @@ class Tokenized:
 
 def tokenize(examples: list[Example], template: Template, tokenizer, max_length: int) -> Tokenized:
     rows, truncated, dropped, lengths = [], 0, 0, []
-    for example in examples:
-        if example.is_preference or example.is_unpaired:
-            raise ValueError("preference and unpaired rows (a prompt with answers to prefer or not) are not "
-                             "conversations; a method that trains on one answer per row cannot use them")
-        rendered = render(template, example)
-        row, length = encode(tokenizer, rendered, max_length)
+    if any(example.is_preference or example.is_unpaired for example in examples):
+        raise ValueError("preference and unpaired rows (a prompt with answers to prefer or not) are not "
+                         "conversations; a method that trains on one answer per row cannot use them")
+    for row, length in encode_all(tokenizer, [render(template, e) for e in examples], max_length):
         lengths.append(length)
         truncated += length > max_length
         if all(label == -100 for label in row["labels"]):

@@ -2,7 +2,8 @@
 
 Built-ins are registered exactly like third-party plugins. ``FX_DISABLE_PLUGINS=a,b`` blocks plugins by name (a
 built-in's short name such as ``llama2`` or its module name, an entry point's name or its module), through pluggy's
-own blocking.
+own blocking. A plugin that can't be loaded (an import error, an unknown hook, a clash of names) is named with how to
+skip it; ``fx plugins`` builds with ``keep_broken`` so that it can still list everything, the broken one included.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pydantic import BaseModel
 
 from fx.errors import PluginError
 from fx.hooks import specs
+from fx.settings import did_you_mean
 
 DEFAULT_PLUGINS = (
     "fx.plugins.models.hf",
@@ -71,6 +73,7 @@ class PluginInfo:
     version: str
     hooks: list[str] = field(default_factory=list)
     registers: list[str] = field(default_factory=list)
+    broken: str = ""  # why the plugin is not loaded, and how to skip it
 
 
 class Registry:
@@ -108,22 +111,33 @@ class Registry:
 
 
 class Plugins:
-    """The plugin manager and the registries its register hooks filled."""
+    """The plugin manager and the registries its register hooks filled. ``broken``: plugin name -> why it could not
+    be loaded (kept only when built with ``keep_broken``; otherwise the first one raises PluginError)."""
 
-    def __init__(self, pm: pluggy.PluginManager, versions: dict[str, str]):
+    def __init__(self, pm: pluggy.PluginManager, versions: dict[str, str], broken: dict[str, str] | None = None,
+                 keep_broken: bool = False):
         self.pm = pm
         self.hook = pm.hook
         self.versions = versions
+        self.broken = dict(broken or {})
         self.registries = {kind: Registry(kind) for kind in KINDS}
         for kind, hook_name in KINDS.items():
             for impl in getattr(pm.hook, hook_name).get_hookimpls():
+                if impl.plugin_name in self.broken:
+                    continue
                 register = self.registries[kind].register_for(impl.plugin_name)
                 try:
-                    impl.function(register=register)
-                except PluginError:
-                    raise
-                except Exception as exc:
-                    raise PluginError(f"plugin {impl.plugin_name!r} failed in {hook_name}: {exc}") from exc
+                    try:
+                        impl.function(register=register)
+                    except PluginError:
+                        raise
+                    except Exception as exc:
+                        raise PluginError(f"plugin {impl.plugin_name!r} failed in {hook_name}: "
+                                          f"{type(exc).__name__}: {exc}") from exc
+                except PluginError as exc:
+                    if not keep_broken:
+                        raise PluginError(f"{exc}{skip_hint(impl.plugin_name)}") from exc
+                    self.broken[impl.plugin_name] = f"{exc}{skip_hint(impl.plugin_name)}"
 
     def __getitem__(self, kind: str) -> Registry:
         return self.registries[kind]
@@ -136,12 +150,37 @@ class Plugins:
             hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
             registers = [f"{kind[:-1]}:{e.name}" for kind, reg in self.registries.items()
                          for e in reg.entries.values() if e.plugin == name]
-            infos.append(PluginInfo(name, self.versions.get(name, ""), hooks, sorted(registers)))
+            infos.append(PluginInfo(name, self.versions.get(name, ""), hooks, sorted(registers),
+                                    self.broken.get(name, "")))
+        listed = {info.name for info in infos}
+        infos += [PluginInfo(name, self.versions.get(name, ""), broken=why) for name, why in self.broken.items()
+                  if name not in listed]
         return infos
 
 
 def blocked_names() -> set[str]:
     return {n.strip() for n in os.environ.get("FX_DISABLE_PLUGINS", "").split(",") if n.strip()}
+
+
+def disabled(name: str) -> bool:
+    """Whether ``FX_DISABLE_PLUGINS`` blocks the plugin that registers ``name``: a third party's entry point of that
+    name, or a built-in (each registers its module's short name: ``fx.plugins.templates.llama2`` -> ``llama2``)."""
+    blocked = blocked_names()
+    return name in blocked or any(m in blocked for m in DEFAULT_PLUGINS if m.rsplit(".", 1)[-1] == name)
+
+
+def _distribution(name: str) -> str | None:
+    for ep in metadata.entry_points(group="fx"):
+        if ep.name == name and ep.dist is not None:
+            return ep.dist.name
+    return None
+
+
+def skip_hint(name: str) -> str:
+    """How to run fx without the plugin ``name``."""
+    dist = _distribution(name)
+    short = name.rsplit(".", 1)[-1] if name in DEFAULT_PLUGINS else name
+    return (f" (FX_DISABLE_PLUGINS={short} skips it" + (f"; pip uninstall {dist} removes it)" if dist else ")"))
 
 
 def _block(pm: pluggy.PluginManager, blocked: set[str]) -> None:
@@ -156,14 +195,40 @@ def _block(pm: pluggy.PluginManager, blocked: set[str]) -> None:
         pm.set_blocked(name)
 
 
-def build() -> Plugins:
-    """A fresh plugin manager: built-ins, entry points, then ``check_pending``."""
+def _unknown_hooks(pm: pluggy.PluginManager) -> dict[str, str]:
+    """Plugin name -> the hooks it implements that fx has no specification for, with a did-you-mean."""
+    known = [name for name in pm.hook.__dict__ if not name.startswith("_") and getattr(pm.hook, name).has_spec()]
+    found: dict[str, str] = {}
+    for name in sorted(pm.hook.__dict__):
+        caller = getattr(pm.hook, name)
+        if name.startswith("_") or caller.has_spec():
+            continue
+        for impl in caller.get_hookimpls():
+            if not impl.optionalhook:
+                found.setdefault(impl.plugin_name, f"plugin {impl.plugin_name!r} implements {name!r}, which is not an "
+                                                   f"fx hook{did_you_mean(name, known)}")
+    return found
+
+
+def build(keep_broken: bool = False) -> Plugins:
+    """A fresh plugin manager: built-ins, entry points, then every hook checked against the specs. A plugin that
+    fails raises PluginError naming it and how to skip it; with ``keep_broken`` it is left out and listed in
+    ``Plugins.broken`` instead (``fx plugins``)."""
     from fx import __version__
 
     pm = pluggy.PluginManager("fx")
     pm.add_hookspecs(specs)
     _block(pm, blocked_names())
     versions: dict[str, str] = {}
+    broken: dict[str, str] = {}
+
+    def fail(name: str, message: str, exc: BaseException | None = None) -> None:
+        if not keep_broken:
+            raise PluginError(message + skip_hint(name)) from exc
+        broken[name] = message + skip_hint(name)
+        if pm.has_plugin(name):
+            pm.unregister(name=name)
+
     for module in DEFAULT_PLUGINS:
         if not pm.is_blocked(module):
             pm.register(importlib.import_module(module), name=module)
@@ -173,16 +238,14 @@ def build() -> Plugins:
         try:
             pm.load_setuptools_entrypoints("fx", name=name)
         except pluggy.PluginValidationError as exc:
-            raise PluginError(f"plugin {name!r}: {exc}") from exc
+            fail(name, f"plugin {name!r}: {exc}", exc)
         except Exception as exc:
-            raise PluginError(f"plugin {name!r} could not be imported: {type(exc).__name__}: {exc}") from exc
+            fail(name, f"plugin {name!r} could not be imported: {type(exc).__name__}: {exc}", exc)
     for plugin, dist in pm.list_plugin_distinfo():
         versions[pm.get_name(plugin)] = dist.version
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin {pm.get_name(exc.plugin)!r}: {exc}") from exc
-    return Plugins(pm, versions)
+    for name, message in _unknown_hooks(pm).items():
+        fail(name, message)
+    return Plugins(pm, versions, broken, keep_broken)
 
 
 @lru_cache(maxsize=1)

@@ -38,9 +38,12 @@ def budget_gib(budget: str | float) -> float:
     if key in GPUS:
         return GPUS[key].memory_gib
     try:
-        return float(key)
+        gib = float(key)
     except ValueError:
         raise ValueError(f"unknown GPU {budget!r}: one of {', '.join(GPUS)}, or a number of GiB") from None
+    if not 0 < gib <= 4096:  # nan and inf fail this too
+        raise ValueError(f"{budget!r}: give one of {', '.join(GPUS)}, or a number of GiB (0 to 4096)")
+    return gib
 
 
 def known_device(device_name: str) -> GPU | None:

@@ -48,15 +48,19 @@ class RunDir:
     @classmethod
     def create(cls, output_dir: Path, name: str) -> RunDir:
         """A new, empty run folder ``<output_dir>/<name>-<timestamp>``."""
-        output_dir.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        for n in range(1000):
-            folder = output_dir / (f"{name}-{stamp}" + (f"-{n}" if n else ""))
-            try:
-                folder.mkdir()
-                return cls(folder)
-            except FileExistsError:
-                continue
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            for n in range(1000):
+                folder = output_dir / (f"{name}-{stamp}" + (f"-{n}" if n else ""))
+                try:
+                    folder.mkdir()
+                    return cls(folder)
+                except FileExistsError:
+                    continue
+        except OSError as exc:  # a file of that name, no permission, a name too long
+            raise UserError(f"experiment.output_dir: cannot make a run folder in {output_dir}: "
+                            f"{exc.strerror or exc}") from None
         raise RuntimeError(f"cannot create a run folder in {output_dir}")
 
     def is_run(self) -> bool:

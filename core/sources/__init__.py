@@ -75,6 +75,10 @@ class DatasetSource:
         """Problems found without loading (a missing file); each a line naming the key."""
         return []
 
+    def origin(self, held_out: bool = False) -> str:
+        """Where the training (or held-out) rows come from, as messages about a row name it: a file's path, say."""
+        return "data (held-out)" if held_out else "data (train)"
+
     def load(self):
         """``(train, eval_or_None)`` as ``datasets.Dataset`` objects."""
         raise NotImplementedError

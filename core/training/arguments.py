@@ -51,7 +51,7 @@ def trainer_arguments(config_class, settings, session, **fields: Any):
         train_sampling_strategy="group_by_length" if s.group_by_length else "random",
         save_strategy="steps" if every else "no",
         save_steps=every or None,
-        save_total_limit=session.checkpoint_keep,
+        save_total_limit=None,  # fx rotates (fx.training.checkpoints): never the newest checkpoint that verifies
         save_only_model=False,  # optimizer, scheduler and RNG states too: a resumed run continues exactly
         eval_strategy="no",
         report_to="none",

@@ -19,7 +19,7 @@ from typing import Any
 
 from fx.errors import UserError
 from fx.files import drop_placeholder_card
-from fx.training.checkpoints import mark_complete
+from fx.training.checkpoints import manifest_callback
 from fx.training.distributed import batch_keys, current, largest, per_rank
 from fx.training.microbatch import split_steps
 from fx.training.qlora import keep_adapter_float32
@@ -60,11 +60,9 @@ def contract_callback(progress: Progress, log: Log):
                 control.should_log = True
 
         def on_save(self, args, state, control, **kwargs):
-            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            # before the manifest (the next callback) lists the checkpoint's files
             if current().main:  # the rank that saved the adapter and its card
-                drop_placeholder_card(checkpoint)
-            if current().size > 1:
-                mark_complete(checkpoint)
+                drop_placeholder_card(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = dict(logs or {})
@@ -185,10 +183,14 @@ def build(method, model, tokenizer, rows: list[dict], session, progress: Progres
 
 
 def train(method, model, tokenizer, rows: list[dict], session, progress: Progress, log: Log,
-          resume_from: Path | None = None) -> dict[str, Any]:
+          resume_from: Path | None = None, trained_with: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train ``model`` under the run contract (continuing from the checkpoint ``resume_from``); what was measured.
-    Raises ``torch.OutOfMemoryError`` as it comes: the caller reports it with what it knows of the run."""
-    trainer = build(method, model, tokenizer, rows, session, progress, [contract_callback(progress, log)])
+    Each checkpoint gets its manifest, recording ``trained_with`` (the resolved experiment), and fx rotates them
+    (fx.training.checkpoints). Raises ``torch.OutOfMemoryError`` as it comes: the caller reports it with what it
+    knows of the run."""
+    callbacks = [contract_callback(progress, log),
+                 manifest_callback(session.checkpoint_keep, trained_with, resume_from)]
+    trainer = build(method, model, tokenizer, rows, session, progress, callbacks)
     first_step = 0
     if resume_from is not None:
         first_step = int(json.loads((Path(resume_from) / "trainer_state.json").read_text())["global_step"])

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from fx.errors import TrainingFailed
-from fx.plan.cost import checkpointed_layers
 from fx.training.budget import token_budget_within
 from fx.training.checkpoints import last_checkpoint
 from fx.training.contract import Progress
@@ -24,16 +23,17 @@ def failure(progress: Progress, fitted, cap: float | None, checkpoints: Path, re
                if plan else "")
     tokens = token_budget_within(fitted, cap) if fitted else None
     last = last_checkpoint(checkpoints)
+    checkpointing = getattr(fitted.exp.method.settings, "gradient_checkpointing", None) if fitted else None
     if tokens and "micro_batch_tokens" in execution_keys:
         advice = (f"Continue the same training (same effective batch, same gradient) in passes of at most {tokens} "
                   f"tokens, which the plan fits: {resume} --set method.micro_batch_tokens={tokens}")
+    elif "gradient_checkpointing" in execution_keys and checkpointing is not True:
+        # off, "auto" or a count of layers: checkpointing every layer costs only speed
+        advice = (f"The plan fits no smaller pass here; recomputing activations needs less memory for the same "
+                  f"training: {resume} --set method.gradient_checkpointing=true")
     else:
-        advice = (f"The plan fits no smaller pass here: resume with checkpointing on or more memory ({resume} "
-                  f"--set method.gradient_checkpointing=true, or --set budget.vram_gib=<GiB>), or shorten "
-                  "data.max_length in a new run")
-    if fitted and 0 < checkpointed_layers(fitted.plan.arch, fitted.plan.work) < fitted.plan.arch.layers:
-        # gradient_checkpointing = "auto" (or a count) left layers out: checkpointing all of them costs only speed
-        advice += f"; or checkpoint every layer: {resume} --set method.gradient_checkpointing=true"
+        advice = (f"The plan fits no smaller pass here: {resume} continues the same training on a GPU with more "
+                  "memory (or --set budget.vram_gib=<GiB>); a new run with a shorter data.max_length needs less")
     peak = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0
     world = current()
     where = f" on rank {world.rank} (GPU {world.local_rank}) of {world.size}" if world.size > 1 else ""
@@ -48,7 +48,7 @@ def failure(progress: Progress, fitted, cap: float | None, checkpoints: Path, re
 
 def out_of_memory(cap: float | None, exc: BaseException) -> str:
     """One line for an out-of-memory error outside a run (``fx bench``)."""
-    first = str(exc).splitlines()[0][:200]
+    first = (str(exc).splitlines() or [''])[0][:200]
     if cap:
         return f"out of GPU memory under the budget's allocator cap of {cap / 2**30:.2f} GiB: {first}"
     return f"out of GPU memory: {first}"

@@ -28,7 +28,7 @@ class HubDataset(DatasetSource):
         except Exception as exc:
             raise UserError(
                 f"data.name: cannot load {s.name!r} split {split!r} from the hub: {type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:300]}"
+                f"{(str(exc).splitlines() or [''])[0][:300]}"
             ) from None
 
     def load(self):

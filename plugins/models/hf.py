@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from pydantic import Field
@@ -10,6 +11,7 @@ import fx
 from fx.errors import UserError
 from fx.sources import ModelSource
 from fx.sources.architectures import KNOWN_HUB_NAMES, llama_config
+from fx.sources.folders import folder_problems, real_safetensors
 
 
 class HFModel(ModelSource):
@@ -26,45 +28,68 @@ class HFModel(ModelSource):
         super().__init__(settings)
         self.trust_remote_code = settings.trust_remote_code
 
-    def path(self) -> str:
-        return self.settings.name
+    def _folder(self) -> Path | None:
+        """The local folder ``model.name`` names, or None for a hub id."""
+        folder = Path(self.settings.name).expanduser()
+        try:
+            local = folder.is_dir() or self.settings.name.startswith(("/", ".", "~"))
+        except OSError:
+            local = True
+        return folder if local else None
 
     def check(self) -> list[str]:
-        folder = Path(self.settings.name)
-        if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        folder = self._folder()
+        if folder is None:
             return []
-        if not any(folder.glob(pattern) for pattern in ("*.bin", "*.pt", "*.pth")):
-            return [f"model.name: {folder} holds no model weights (*.safetensors)"]
-        if not self.settings.allow_pickle:
-            return [f"model.name: {folder} has only pickle weights (.bin), which can run code when loaded; "
-                    "convert them to safetensors, or set model.allow_pickle = true if you trust them"]
-        return []
+        if not folder.is_dir():
+            return [f"model.name: no such model folder {self.settings.name!r}"]
+        return folder_problems(folder, "model.name", self.trust_remote_code, self.settings.allow_pickle)
+
+    def path(self) -> str:
+        folder = self._folder()
+        return str(folder) if folder is not None else self.settings.name
 
     def load(self, **kwargs):
-        folder = Path(self.settings.name)
         problems = self.check()
         if problems:
             raise UserError("\n".join(problems))
-        if folder.is_dir() and not any(folder.glob("*.safetensors")):
+        folder = self._folder()
+        if folder is not None and not any(real_safetensors(w) for w in folder.glob("*.safetensors")):
             from transformers import AutoModelForCausalLM
 
             return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=self.trust_remote_code,
                                                         use_safetensors=False, **kwargs)
         return super().load(revision=self.settings.revision, **kwargs)
 
+    def tokenizer(self):
+        try:
+            return super().tokenizer()
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # a damaged or missing tokenizer
+            raise UserError(f"model.name: cannot load the tokenizer of {self.settings.name!r}: {type(exc).__name__}: "
+                            f"{(str(exc).splitlines() or [''])[0][:200]}") from None
+
     def config(self):
         """The model's config: a local folder or the hub cache first; for a well-known name with neither, the
         published architecture from fx's table (no network needed); else the hub."""
         from transformers import AutoConfig
 
-        name, kwargs = self.settings.name, dict(revision=self.settings.revision,
-                                                trust_remote_code=self.trust_remote_code)
+        name, kwargs = self.path(), dict(revision=self.settings.revision, trust_remote_code=self.trust_remote_code)
+        problems = self.check()
+        if problems:
+            raise UserError("\n".join(problems))
+        if self.trust_remote_code:
+            print(f"fx: model.trust_remote_code = true: {name}'s own Python code (its auto_map) will be run",
+                  file=sys.stderr)
         try:
             config = AutoConfig.from_pretrained(name, local_files_only=True, **kwargs)
             self.config_origin = f"{name} ({'local folder' if Path(name).is_dir() else 'hub cache'})"
             return config
         except OSError:
-            pass
+            if self._folder() is not None:
+                raise UserError(f"model.name: cannot read the config of {name!r}") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"model.name: cannot read the config of {name!r}: {type(exc).__name__}: "
+                            f"{(str(exc).splitlines() or [''])[0][:200]}") from None
         known = KNOWN_HUB_NAMES.get(name.lower())
         if known is not None:
             self.config_origin = f"built-in architecture table ({known}, the published config of {name}; not fetched)"
@@ -73,7 +98,7 @@ class HFModel(ModelSource):
             config = AutoConfig.from_pretrained(name, **kwargs)
         except OSError as exc:
             raise UserError(f"model.name: cannot read the config of {name!r}: "
-                            f"{str(exc).splitlines()[0][:200]}") from None
+                            f"{(str(exc).splitlines() or [''])[0][:200]}") from None
         self.config_origin = f"{name} (hub)"
         return config
 
