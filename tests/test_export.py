@@ -93,6 +93,15 @@ def test_the_check_is_recorded_in_the_run(exported_f32):
     assert entry["merge"]["reused"] is True  # the run's merged/ folder was the input
 
 
+def test_answers_may_differ_only_by_the_share_each_quantisation_allows():
+    assert export_check.answers_problem("f32", 29, 30) == (
+        "1 of 30 greedy answers differ from the adapter's, over the 0% allowed for f32")
+    assert export_check.answers_problem("f16", 29, 30) is None  # a near-tie flipped by rounding to 11 bits
+    assert "4 of 30" in export_check.answers_problem("f16", 26, 30)
+    assert export_check.answers_problem("q8_0", 24, 30) is None and export_check.answers_problem("q8_0", 23, 30)
+    assert export_check.answers_problem("q4_0", 0, 30) is None  # held to its loss alone
+
+
 def test_q8_0_within_its_tolerance(tiny_run, tmp_path, capsys):
     _, folder, _ = tiny_run
     out = tmp_path / "q8.gguf"

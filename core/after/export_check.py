@@ -22,7 +22,11 @@ from fx.data.tokenize import prompt_of
 
 TOLERANCE = {"f32": 0.02, "f16": 0.02, "bf16": 0.04, "q8_0": 0.04, "q5_1": 0.10, "q5_0": 0.10, "q4_1": 0.20,
              "q4_0": 0.20}
-SAME_ANSWERS = ("f32", "f16")
+# The least share of held-out greedy answers that must equal the adapter's. f32 changes nothing: every answer. f16
+# rounds each merged weight to 11 significant bits, which can flip a near-tie between two next tokens: on the
+# embedded default 29 of 30 answers stayed the same (the other still a right answer, worded differently), q8_0 28
+# of 30 (docs/after-training.md). Lower quantisations are held to their loss alone; their answers are reported.
+SAME_ANSWERS = {"f32": 1.0, "f16": 0.9, "bf16": 0.8, "q8_0": 0.8}
 
 
 def load_gguf(path: Path):
@@ -60,13 +64,22 @@ def _divergence(prompts: list[str], want: list[str], got: list[str]) -> dict[str
     return None
 
 
+def answers_problem(quant: str, same: int, total: int) -> str | None:
+    """What is wrong when ``same`` of ``total`` greedy answers equal the adapter's, under ``quant``'s share."""
+    least = SAME_ANSWERS.get(quant)
+    if least is None or not total or same / total >= least:
+        return None
+    return (f"{total - same} of {total} greedy answers differ from the adapter's, over the {1 - least:.0%} allowed "
+            f"for {quant}")
+
+
 def check(exp: Experiment, run_dir: Path, path: Path, quant: str, adapter: dict[str, Any] | None = None
           ) -> dict[str, Any]:
     """The exported file against the adapter on the held-out split (``adapter``: its
     :func:`fx.after.fidelity.measure`, when the caller has it); ``passed`` says whether it is within the tolerance,
     ``problems`` what is not."""
     prep = prepare(exp)
-    tolerance = {"loss_relative": TOLERANCE[quant], "same_answers": quant in SAME_ANSWERS}
+    tolerance = {"loss_relative": TOLERANCE[quant], "same_answers": SAME_ANSWERS.get(quant)}
     if not prep.held_out.rows:
         return {"passed": None, "tolerance": tolerance, "problems": ["the run has no held-out rows to check on"]}
     settings = exp.stages.evaluate
@@ -91,8 +104,8 @@ def check(exp: Experiment, run_dir: Path, path: Path, quant: str, adapter: dict[
     if difference > tolerance["loss_relative"]:
         problems.append(f"held-out loss {got['loss']} against the adapter's {want['loss']}: "
                         f"{difference:.2%} apart, over the {tolerance['loss_relative']:.0%} allowed for {quant}")
-    if tolerance["same_answers"] and same < len(prompts):
-        problems.append(f"{len(prompts) - same} of {len(prompts)} greedy answers differ from the adapter's")
+    if (problem := answers_problem(quant, same, len(prompts))) is not None:
+        problems.append(problem)
     if tokens["same"] < tokens["total"]:
         problems.append(f"the file's tokenizer encodes {tokens['total'] - tokens['same']} of {tokens['total']} "
                         "held-out texts differently from the run's")
