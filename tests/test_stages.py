@@ -358,7 +358,12 @@ def test_sigint_before_training_says_how_to_resume(tiny_experiment, tmp_path, mo
         return load(self, source, tokenizer)
 
     monkeypatch.setattr(QLoraMethod, "load", interrupted_load)
-    assert cli.main(["run", str(tiny_experiment)]) == 128 + signal.SIGINT
+    # Python's default SIGINT handler, whatever an earlier test in this process left installed
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert cli.main(["run", str(tiny_experiment)]) == 128 + signal.SIGINT
+    finally:
+        signal.signal(signal.SIGINT, previous)
     (folder,) = (tmp_path / "runs").iterdir()
     err = capsys.readouterr().err
     assert ("interrupted during the load stage, before training; nothing was trained yet. "
