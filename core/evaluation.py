@@ -109,10 +109,16 @@ def score(metric: str, answers: list[str], examples: list[Example], references: 
     return {metric: round(hits / total, 4) if total else None, f"{metric}_hits": hits, f"{metric}_total": total}
 
 
+def held_out_prompts(template, examples: list[Example], settings) -> list[tuple[Example, tuple[list, Any]]]:
+    """The first ``settings.max_examples`` held-out examples that have a prompt (``[stages.evaluate]``), each with
+    its (conversation, reference answer): what :func:`held_out_answers` answers."""
+    return [(e, pair) for e in examples[: settings.max_examples] if (pair := prompt_of(template, e)) is not None]
+
+
 def held_out_answers(model, tokenizer, template, examples: list[Example], settings):
-    """Greedy answers to the first ``settings.max_examples`` held-out prompts (``[stages.evaluate]``): the examples
-    that have a prompt, their answers and their reference answers."""
-    scored = [(e, pair) for e in examples[: settings.max_examples] if (pair := prompt_of(template, e)) is not None]
+    """Greedy answers to the held-out prompts (:func:`held_out_prompts`): the examples that have a prompt, their
+    answers and their reference answers."""
+    scored = held_out_prompts(template, examples, settings)
     answers = generate(model, tokenizer, template, [conversation for _, (conversation, _) in scored],
                        settings.max_new_tokens)
     return [e for e, _ in scored], answers, [reference for _, (_, reference) in scored]
