@@ -39,6 +39,8 @@ FX_VARIANTS = {  # short name -> (label, --set assignments)
     "sdpa": ("fx, T4 path (sdpa), all levers", [*ALL, "method.attention=sdpa"]),
     "sdpa-auto": ("fx, T4 path (sdpa), all levers + auto",
                   [*ALL, "method.attention=sdpa", "method.gradient_checkpointing=auto"]),
+    "eff-auto": ("fx, T4 path (varlen, memory-efficient kernel), all levers + auto",
+                 [*ALL, "method.attention=varlen_efficient", "method.gradient_checkpointing=auto"]),
     "previous+dequant": ("fx, previous + dequantize_once", [*PREVIOUS, "method.dequantize_once=true"]),
     "previous+fused": ("fx, previous + fused_lora", [*PREVIOUS, "method.fused_lora=true"]),
     "previous+adamw": ("fx, previous + adamw_torch_fused", [*PREVIOUS, "method.optim=adamw_torch_fused"]),

@@ -1,9 +1,16 @@
 """Attention for padding-free batches: each packed row attends only to itself, at the cost of its own length.
 
-``fx_varlen`` sends packed rows (trl's collator passes their boundaries as ``cu_seq_lens_q``/``cu_seq_lens_k``) to
-PyTorch's variable-length FlashAttention (``torch.nn.attention.varlen``, compute capability 8.0+): no mask, no work
-across rows. Everything else (padded batches, generation, a T4, the CPU) goes to transformers' ``sdpa`` with its exact
-mask. docs/performance.md says why (cuDNN's masked attention rebuilt its plan for every new length).
+Two attention functions take packed rows (trl's collator passes their boundaries as ``cu_seq_lens_q``/``cu_seq_lens_k``)
+with no mask and no work across rows:
+
+* ``fx_varlen``: PyTorch's variable-length FlashAttention (``torch.nn.attention.varlen``, compute capability 8.0+);
+* ``fx_varlen_efficient``: PyTorch's memory-efficient attention kernel (the one SDPA uses for a mask on a T4, and
+  for nested tensors) given the same sequence offsets, through ``torch.ops.aten._efficient_attention_forward`` and
+  its backward, as ``torch.nn.attention.varlen`` calls FlashAttention's; any CUDA GPU, so a T4 (compute
+  capability 7.5) too.
+
+Everything else (padded batches, generation, the CPU) goes to transformers' ``sdpa`` with its exact mask.
+docs/performance.md says why (cuDNN's masked attention rebuilt its plan for every new length) and what each costs.
 """
 
 from __future__ import annotations
@@ -11,7 +18,9 @@ from __future__ import annotations
 import functools
 import inspect
 
-NAME = "fx_varlen"
+NAME = "fx_varlen"  # FlashAttention
+EFFICIENT = "fx_varlen_efficient"  # the memory-efficient kernel
+NAMES = (NAME, EFFICIENT)
 
 
 @functools.cache
@@ -37,6 +46,51 @@ def _varlen():
     return varlen_attn, causal, "enable_gqa" in params
 
 
+@functools.cache
+def efficient_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and hasattr(torch.ops.aten, "_efficient_attention_forward")
+
+
+@functools.cache
+def _efficient_function():
+    import torch
+
+    class EfficientVarlen(torch.autograd.Function):
+        """Causal attention within each packed sequence by the memory-efficient kernel: q, k, v (tokens, heads, dim),
+        ``cu`` the sequences' int32 offsets; no dropout. Saves what its backward kernel needs: the inputs, the output
+        and the log-sum-exp."""
+
+        @staticmethod
+        def forward(ctx, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale):
+            grad = any(ctx.needs_input_grad[:3])
+            out, lse, seed, offset, _, _ = torch.ops.aten._efficient_attention_forward(
+                q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None, cu_q, cu_k, max_q, max_k, 0.0,
+                1,  # causal, from each sequence's top left
+                grad, scale=scale)
+            if grad:
+                ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seed, offset)
+                ctx.lengths, ctx.scale = (max_q, max_k), scale
+            return out[0]
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            q, k, v, out, lse, cu_q, cu_k, seed, offset = ctx.saved_tensors
+            dq, dk, dv, _ = torch.ops.aten._efficient_attention_backward(
+                grad_out.unsqueeze(0).contiguous(), q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None, out, cu_q,
+                cu_k, *ctx.lengths, lse, 0.0, seed, offset, 1, False, scale=ctx.scale)
+            return dq[0], dk[0], dv[0], None, None, None, None, None
+
+    return EfficientVarlen
+
+
+def efficient_varlen_attn(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale=None):
+    """Causal variable-length attention by the memory-efficient kernel, ``torch.nn.attention.varlen.varlen_attn``'s
+    layout: q, k, v (tokens, heads, dim), k/v with as many heads as q; returns (tokens, heads, dim)."""
+    return _efficient_function().apply(q, k, v, cu_q.int(), cu_k.int(), max_q, max_k, scale)
+
+
 def fx_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers' attention-function interface: query (batch, heads, tokens, dim); returns (batch, tokens, heads,
     dim) and no weights."""
@@ -46,7 +100,11 @@ def fx_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, 
     if cu_q is None or query.shape[0] != 1 or dropout:  # not a packed training batch
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    varlen_attn, causal, gqa = _varlen()
+    efficient = module.config._attn_implementation == EFFICIENT
+    if efficient:
+        kernel, causal, gqa = efficient_varlen_attn, {}, False
+    else:
+        kernel, causal, gqa = _varlen()
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
     extra = {}
     if k.shape[1] != q.shape[1]:
@@ -56,21 +114,27 @@ def fx_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, 
             groups = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     cu_k = kwargs.get("cu_seq_lens_k", cu_q)
-    out = varlen_attn(q, k, v, cu_q.to(q.device, non_blocking=True), cu_k.to(q.device, non_blocking=True),
-                      int(kwargs["max_length_q"]), int(kwargs.get("max_length_k", kwargs["max_length_q"])),
-                      scale=scaling, **causal, **extra)
+    out = kernel(q, k, v, cu_q.to(q.device, non_blocking=True), cu_k.to(q.device, non_blocking=True),
+                 int(kwargs["max_length_q"]), int(kwargs.get("max_length_k", kwargs["max_length_q"])),
+                 scale=scaling, **causal, **extra)
     return out.unsqueeze(0), None
 
 
-def use_varlen(model) -> bool:
-    """Switch ``model`` to ``fx_varlen`` where the kernel exists; whether it did. Masks stay sdpa's, for every call
+def use_varlen(model, kernel: str = "auto") -> str | None:
+    """Switch ``model`` to variable-length attention for packed rows: ``kernel`` "flash" (``fx_varlen``),
+    "efficient" (``fx_varlen_efficient``) or "auto" (FlashAttention where it exists, else the memory-efficient
+    kernel); the name switched to, or None where the kernel does not exist here. Masks stay sdpa's, for every call
     that is not a packed training batch."""
-    if not varlen_available():
-        return False
+    if kernel in ("auto", "flash") and varlen_available():
+        name = NAME
+    elif kernel in ("auto", "efficient") and efficient_available():
+        name = EFFICIENT
+    else:
+        return None
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    AttentionInterface.register(NAME, fx_varlen_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
-    model.set_attn_implementation(NAME)
-    return True
+    AttentionInterface.register(name, fx_varlen_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+    model.set_attn_implementation(name)
+    return name

@@ -117,13 +117,13 @@ class GraphedSteps:
     def __init__(self, model, rows: int, bucket: int = BUCKET, capture: bool = True):
         import torch
 
-        from fx.training.attention import NAME
+        from fx.training.attention import NAMES
 
         self.model = model
         causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft's wrapper
         self.backbone = getattr(causal_lm, causal_lm.base_model_prefix)  # the decoder stack, without the LM head
         self.head = causal_lm.get_output_embeddings()
-        self.varlen = causal_lm.config._attn_implementation == NAME  # else SDPA with a block mask
+        self.varlen = causal_lm.config._attn_implementation in NAMES  # else SDPA with a block mask
         self.slots = rows + 1  # at least one filler sequence, so that every bucket has the same number of sequences
         self.bucket = bucket
         self.capture = capture  # False: the same padded steps, eagerly (a CPU, or tests)

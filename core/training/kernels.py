@@ -46,18 +46,30 @@ def expects_liger(choice: bool | str, model_type: str) -> bool:
     return model_type in MODEL_TYPE_TO_APPLY_LIGER_FN
 
 
-def choose_attention(model, choice: str, padding_free: bool) -> str:
-    """The attention function for training (fx.attention): varlen FlashAttention for padding-free batches where the
-    GPU has it, else transformers' sdpa with its exact block-diagonal mask; the name in use."""
-    from fx.training.attention import NAME, use_varlen
+def attention_problems(choice: str, padding_free: bool, cuda: bool) -> list[str]:
+    """What stops ``method.attention = choice`` before anything loads (choose_attention's refusals, found early)."""
+    if choice.startswith("varlen") and not padding_free:
+        return [f"method.attention = \"{choice}\" needs method.padding_free = true (padded rows need a mask)"]
+    if choice.startswith("varlen") and not cuda:
+        return [f"method.attention = \"{choice}\" needs a CUDA GPU (and PyTorch's memory-efficient attention "
+                "kernel); \"auto\" falls back to sdpa"]
+    return []
 
-    if choice == "varlen" and not padding_free:
-        raise UserError("method.attention = \"varlen\" needs method.padding_free = true (padded rows need a mask)")
-    if choice != "sdpa" and padding_free and use_varlen(model):
-        return NAME
-    if choice == "varlen":
-        raise UserError("method.attention = \"varlen\" needs a CUDA GPU of compute capability 8.0 or newer and "
-                        "PyTorch's torch.nn.attention.varlen; \"auto\" falls back to sdpa")
+
+def choose_attention(model, choice: str, padding_free: bool) -> str:
+    """The attention function for training (fx.attention): variable-length attention for padding-free batches where
+    the GPU has it (FlashAttention's on compute capability 8.0+, else the memory-efficient kernel's, which a T4
+    runs; ``"varlen_efficient"`` forces the latter), else transformers' sdpa with its exact block-diagonal mask; the
+    name in use."""
+    from fx.training.attention import use_varlen
+
+    if choice != "sdpa" and padding_free:
+        name = use_varlen(model, "efficient" if choice == "varlen_efficient" else "auto")
+        if name:
+            return name
+    problems = attention_problems(choice, padding_free, cuda=False)
+    if problems:
+        raise UserError(problems[0])
     return model.config._attn_implementation
 
 

@@ -11,7 +11,7 @@ from fx.training.arguments import trainer_arguments
 from fx.training.checkpointing import decoder_layers, enable_checkpointing, layer_count
 from fx.training.devices import compute_dtype, device, dtype_name
 from fx.training.distributed import current
-from fx.training.kernels import apply_liger, choose_attention, compile_layers
+from fx.training.kernels import apply_liger, attention_problems, choose_attention, compile_layers
 from fx.training.lora4bit import apply_levers
 from fx.training.method import Method, Session
 from fx.training.settings import QLoraSettings
@@ -32,6 +32,8 @@ class QLoraMethod(Method):
         if s.compile and s.liger is True:
             problems.append("method.liger = true and method.compile = true don't go together (torch.compile can't "
                             "trace Liger's kernels; it fuses the same operations itself): set one of them to false")
+        if s.attention.startswith("varlen"):
+            problems += attention_problems(s.attention, getattr(s, "padding_free", False), device() == "cuda")
         return problems + lora_problems(s.lora)
 
     # -- the model --------------------------------------------------------------------------------------------------

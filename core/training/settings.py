@@ -67,8 +67,10 @@ class QLoraSettings(Settings):
     logging_steps: int = execution(1, ge=1, le=10**6)
     # kernels (docs/performance.md), each measured on its own
     liger: bool | Literal["auto"] = execution("auto")  # Liger's fused RMSNorm/RoPE/SwiGLU; auto: on a CUDA GPU
-    # auto: varlen for padding-free rows where it exists
-    attention: Literal["auto", "sdpa", "varlen"] = execution("auto")
+    # padding-free rows: "varlen" attends within each row (FlashAttention's kernel on compute capability 8.0+, else the
+    # memory-efficient one, which a T4 runs), "varlen_efficient" forces the memory-efficient kernel, "sdpa" a
+    # block-diagonal mask over the whole micro-batch; auto: varlen on a CUDA GPU, sdpa elsewhere
+    attention: Literal["auto", "sdpa", "varlen", "varlen_efficient"] = execution("auto")
     compile: bool = execution(False)  # torch.compile each decoder layer (CUDA only; ~1.5 min to compile)
     # a checkpointed layer's recompute keeps its dequantised 4-bit weights for its backward (fx.training.lora4bit)
     dequantize_once: bool = execution(True)

@@ -1,0 +1,74 @@
+"""Variable-length attention for packed rows (fx.training.attention): each sequence attends only to itself, as causal
+attention over that sequence alone would. The kernels need a CUDA GPU; the choice of kernel is checked everywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import has_cuda
+from fx.training import attention
+from test_speed import assert_same_training, train
+
+LENGTHS = [5, 37, 1, 64, 130, 3]  # a single token, a block's width, and a row longer than two blocks
+
+
+def per_sequence_reference(q, k, v, lengths, scale):
+    """Causal SDPA over each sequence alone, in float64 on the CPU: the answer packed attention must give."""
+    outs, start = [], 0
+    for n in lengths:
+        part = [t[start:start + n].transpose(0, 1).double().cpu() for t in (q, k, v)]  # (heads, n, dim)
+        outs.append(torch.nn.functional.scaled_dot_product_attention(*part, is_causal=True, scale=scale)
+                    .transpose(0, 1))
+        start += n
+    return torch.cat(outs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_efficient_varlen_attends_within_each_sequence(dtype):
+    """The memory-efficient kernel given sequence offsets: its output and its gradients for q, k and v equal causal
+    attention over each sequence alone (float64 on the CPU), to the dtype's rounding."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    total, heads, dim = sum(LENGTHS), 4, 64
+    q, k, v = (torch.randn(total, heads, dim, device="cuda", dtype=dtype, generator=gen).requires_grad_()
+               for _ in range(3))
+    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
+    scale = dim ** -0.5
+    out = attention.efficient_varlen_attn(q, k, v, cu, cu, max(LENGTHS), max(LENGTHS), scale=scale)
+    grad = torch.randn(out.shape, device="cuda", dtype=dtype, generator=gen)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+
+    q64, k64, v64 = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
+    expected = per_sequence_reference(q64, k64, v64, LENGTHS, scale)
+    eq, ek, ev = torch.autograd.grad(expected, (q64, k64, v64), grad.double().cpu())
+    tol = dict(rtol=2e-3, atol=2e-3) if dtype == torch.float16 else dict(rtol=1e-4, atol=1e-4)
+    for got, want in ((out, expected), (dq, eq), (dk, ek), (dv, ev)):
+        torch.testing.assert_close(got.double().cpu(), want, **tol)
+
+
+@pytest.mark.gpu
+def test_efficient_varlen_trains_like_the_masked_sdpa(write_experiment, tmp_path):
+    """A tiny Llama trained 4 steps on packed rows (CUDA graphs off, then on) with the memory-efficient varlen kernel
+    and with SDPA's block-diagonal mask: the same losses and adapter, to float32 rounding."""
+    exact = "method.compute_dtype=float32"
+    masked = train(write_experiment, tmp_path, "sdpa", exact, "method.attention=sdpa", "method.cuda_graphs=false")
+    for graphed in ("false", "true"):
+        packed = train(write_experiment, tmp_path, f"efficient-{graphed}", exact, "method.attention=varlen_efficient",
+                       f"method.cuda_graphs={graphed}")
+        assert_same_training(masked, packed, rtol=1e-3)
+
+
+def test_varlen_refused_without_padding_free_or_a_gpu(write_experiment, tmp_path, capsys):
+    from conftest import TINY_EXPERIMENT, TINY_ROWS
+    from fx import cli
+
+    path = write_experiment(TINY_EXPERIMENT, TINY_ROWS)
+    base = ["run", str(path), "--set", f"experiment.output_dir={tmp_path / 'runs'}"]
+    for choice in ("varlen", "varlen_efficient"):
+        assert cli.main([*base, "--set", f"method.attention={choice}", "--set", "method.padding_free=false"]) == 2
+        assert f'method.attention = "{choice}" needs method.padding_free = true' in capsys.readouterr().err
+        if not has_cuda():
+            assert cli.main([*base, "--set", f"method.attention={choice}"]) == 2
+            assert f'method.attention = "{choice}" needs a CUDA GPU' in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
