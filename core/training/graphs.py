@@ -71,6 +71,7 @@ class Static:
     labels: Any
     position_ids: Any
     cu: Any
+    longest: int  # no sequence of the step is longer: the attention kernels' max_length (their grid)
     divisor: Any  # the loss's denominator: answer tokens of the whole batch (x the accumulation divisor)
     graph: Any = None
     outputs: Any = None  # (loss, entropy sum, correct, scored)
@@ -90,7 +91,8 @@ def forward_backward(backbone, head, static: Static, params, grads, *, varlen: b
     if varlen:
         # a 4-D mask is taken as given: transformers builds none, and fx_varlen ignores it for packed rows
         extra = dict(attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=static.cu.device),
-                     cu_seq_lens_q=static.cu, cu_seq_lens_k=static.cu, max_length_q=length, max_length_k=length)
+                     cu_seq_lens_q=static.cu, cu_seq_lens_k=static.cu, max_length_q=static.longest,
+                     max_length_k=static.longest)
     else:
         extra = dict(attention_mask=block_causal_mask(static.cu, length))
     device_type = static.input_ids.device.type
@@ -114,7 +116,7 @@ class GraphedSteps:
     on one packed micro-batch and returns what ``Trainer.training_step`` returns; ``None`` when it can't
     (the caller then runs the trainer's own step)."""
 
-    def __init__(self, model, rows: int, bucket: int = BUCKET, capture: bool = True):
+    def __init__(self, model, rows: int, bucket: int = BUCKET, capture: bool = True, longest: int | None = None):
         import torch
 
         from fx.training.attention import NAMES
@@ -126,6 +128,9 @@ class GraphedSteps:
         self.varlen = causal_lm.config._attn_implementation in NAMES  # else SDPA with a block mask
         self.slots = rows + 1  # at least one filler sequence, so that every bucket has the same number of sequences
         self.bucket = bucket
+        # the longest row a step can hold (the trainer's max_length): with the fillers (at most a bucket each), the
+        # bound a captured step gives the varlen kernels, whose grid covers it for every sequence of the step
+        self.longest = longest
         self.capture = capture  # False: the same padded steps, eagerly (a CPU, or tests)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.grads = [torch.zeros_like(p) for p in self.params]
@@ -149,7 +154,7 @@ class GraphedSteps:
             self.passed += 1
             return None
         lengths = packed_lengths(inputs)
-        if len(lengths) >= self.slots:
+        if len(lengths) >= self.slots or (self.longest and max(lengths) > self.longest):
             self.passed += 1
             return None
         tokens = inputs["input_ids"].shape[1]
@@ -162,6 +167,7 @@ class GraphedSteps:
                 labels=torch.full((1, length), -100, dtype=torch.long, device=device),
                 position_ids=torch.zeros(1, length, dtype=torch.long, device=device),
                 cu=torch.zeros(self.slots + 1, dtype=torch.int32, device=device),
+                longest=min(length, max(self.longest or length, self.bucket)),
                 divisor=torch.ones((), dtype=torch.float32, device=device))
         self._fill(static, inputs, lengths, tokens, length, trainer, num_items_in_batch)
         self._attach_grads()

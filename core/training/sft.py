@@ -78,7 +78,8 @@ def trainer_class():
 
                 if self.graphs is None:
                     self.graphs = GraphedSteps(model, rows=self.args.per_device_train_batch_size,
-                                                      capture=torch.cuda.is_available())
+                                                      capture=torch.cuda.is_available(),
+                                                      longest=self.args.max_length)
                 loss = self.graphs.step(self, self._prepare_inputs(inputs), num_items_in_batch)
                 if loss is not None:
                     self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
