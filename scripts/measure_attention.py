@@ -9,7 +9,7 @@ tokens, at most 1000), by each kernel fx can use and by the memory-efficient ker
 ``max_length`` (what a graphed step passes) or by the micro-batch's own longest row, with its backward's key splits
 left to PyTorch's heuristic or fixed. Gradients of every setting are compared with the default's. Reports
 microseconds per token (CUDA events over ``--iters`` calls after ``--warmup``) and JSON to ``--out``. Written for
-the next lever of docs/performance.md (the backward's key splits); not yet run on a GPU.
+docs/performance.md (the memory-efficient kernel's key splits: no gain); results in benchmarks/attention-h100.json.
 """
 from __future__ import annotations
 
@@ -83,11 +83,12 @@ def main() -> None:
         tokens += n
         q, k, v, grad_out = (torch.randn(n, 32, 128, device=device, dtype=torch.float16) for _ in range(4))
         cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=device, dtype=torch.int32)
-        reference = efficient(q, k, v, cu, args.max_length, None, grad_out)[1]
+        reference = efficient(q, k, v, cu, min(args.max_length, n), None, grad_out)[1]
         for variant in variants:
             kernel, bound, splits = variant
             fn = flash if kernel == "flash" else efficient
-            max_len = args.max_length if bound == "max_length" else max(lengths)
+            # the kernels refuse a bound above the tokens there are
+            max_len = min(args.max_length, n) if bound == "max_length" else max(lengths)
             totals[variant]["fwd_us"] += time_it(fn, (q, k, v, cu, max_len, splits, None), args.warmup, args.iters)
             totals[variant]["fwd_bwd_us"] += time_it(fn, (q, k, v, cu, max_len, splits, grad_out), args.warmup,
                                                      args.iters)
