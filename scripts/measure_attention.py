@@ -1,6 +1,7 @@
 """Times causal variable-length attention, forward and backward, on packed micro-batches of the reference case's
-shape (Llama 2 7B: 32 heads of 128, fp16; 4 rows a micro-batch drawn like the bench's synthetic data, mean 350
-tokens, at most 1000), by each kernel fx can use and by the memory-efficient kernel's settings:
+shape (Llama 2 7B: 32 heads of 128, fp16; 4 rows a micro-batch, their lengths the bench's own: the `synthetic`
+source's defaults, log-normal with mean 350 tokens and sigma 0.65, at most 1000), by each kernel fx can use and by
+the memory-efficient kernel's settings:
 
     python scripts/measure_attention.py --out attention.json
 
@@ -15,16 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import random
+from pathlib import Path
 
 import torch
 
+from fx.plugins.datasets.synthetic import SyntheticDataset
 
-def batches(count: int, rows: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    mu = math.log(350) - 0.5 * 0.5 ** 2
-    return [[max(16, min(1000, int(rng.lognormvariate(mu, 0.5)))) for _ in range(rows)] for _ in range(count)]
+
+def batches(count: int, rows: int) -> list[list[int]]:
+    lengths = SyntheticDataset(SyntheticDataset.Settings(rows=count * rows), Path.cwd()).lengths()
+    return [lengths[i * rows:(i + 1) * rows] for i in range(count)]
 
 
 def efficient(q, k, v, cu, max_len, splits, grad_out):
@@ -77,7 +78,7 @@ def main() -> None:
         variants.insert(0, ("flash", "max_length", None))
     totals = {v: {"fwd_us": 0.0, "fwd_bwd_us": 0.0, "max_grad_diff": 0.0} for v in variants}
     tokens = 0
-    for i, lengths in enumerate(batches(args.batches, args.rows, seed=0)):
+    for i, lengths in enumerate(batches(args.batches, args.rows)):
         torch.manual_seed(i)
         n = sum(lengths)
         tokens += n
