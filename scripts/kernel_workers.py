@@ -138,15 +138,15 @@ def fx(args) -> None:
     from fx.training import budget, contract
     from fx.training.checkpointing import decoder_layers, enable_checkpointing, layer_count
     from fx.training.kernels import choose_attention
-    from fx.training.lora4bit import functions, remove
+    from fx.training.lora4bit import functions, mlp_function, remove
     from fx.training.method import Session
 
     exp = config.load(args.experiment, ALL)
     prep = prepare(exp)
     method = exp.method.cls(exp.method.settings)
     base = method.load_base(prep.source)
-    calls = {"KeptDequantized": 0, "FusedLora4bit": 0}
-    for fn in functions():  # how often fx's 4-bit paths ran (eager and captured steps; replays run none)
+    calls = {"KeptDequantized": 0, "FusedLora4bit": 0, "SwiGLUDownLora4bit": 0}
+    for fn in (*functions(), mlp_function()):  # how often fx's 4-bit paths ran (eager and captured steps; replays none)
         original = fn.apply
 
         def counted(*a, _original=original, _name=fn.__name__):

@@ -72,3 +72,31 @@ def test_varlen_refused_without_padding_free_or_a_gpu(write_experiment, tmp_path
             assert cli.main([*base, "--set", f"method.attention={choice}"]) == 2
             assert f'method.attention = "{choice}" needs a CUDA GPU' in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+class Copies(torch.utils._python_dispatch.TorchDispatchMode):
+    """The operators that write a tensor's values into another: copies, fills, zeros."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(word in str(func) for word in ("copy", "fill", "zero", "clone", "contiguous")):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_packed_rows_reach_the_kernel_and_come_back_without_a_copy():
+    """q as the attention module gives it (the projection's output viewed (1, heads, tokens, dim)) reaches the kernel
+    as a view, and the kernel's (tokens, heads, dim) gradient reaches the projection as a view too."""
+    tokens, heads, dim = 7, 4, 8
+    projection = torch.randn(1, tokens, heads * dim, requires_grad=True)
+    query = projection.view(1, tokens, heads, dim).transpose(1, 2)
+    q = attention.packed(query)
+    assert q.shape == (tokens, heads, dim) and q.is_contiguous()
+    grad = torch.randn(tokens, heads, dim)  # the kernel's gradient, in its layout
+    with Copies() as copies:
+        q.backward(grad)
+    assert copies.ops == []
+    torch.testing.assert_close(projection.grad, grad.reshape(1, tokens, heads * dim), rtol=0, atol=0)

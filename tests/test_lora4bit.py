@@ -92,24 +92,82 @@ def test_fused_lora_under_autocast_matches_the_stock_path(write_experiment):
 def test_the_stock_forward_runs_where_the_levers_do_not_apply(write_experiment):
     model = load(write_experiment, "method.gradient_checkpointing=true")
     counts = lora4bit.apply_levers(model, True, True)
-    assert counts == {"dequantize_once": 14, "fused_lora": 14}  # 14 LoRA linears, their 14 bitsandbytes bases
-    fused = lora4bit.functions()[1]
-    calls = []
-    original = fused.apply
-    fused.apply = lambda *args: calls.append(1) or original(*args)
+    # 14 LoRA linears, their 14 bitsandbytes bases, and the 2 MLPs whose down projection is adapted
+    assert counts == {"dequantize_once": 14, "fused_lora": 14, "fused_mlp": 2}
+    functions = (lora4bit.functions()[1], lora4bit.mlp_function())
+    calls = {f: [] for f in functions}
+    originals = {f: f.apply for f in functions}
+    for f in functions:
+        f.apply = lambda *args, _f=f: calls[_f].append(1) or originals[_f](*args)
     try:
         ids = torch.randint(0, 2000, (1, 8))
         with torch.no_grad():
             model(input_ids=ids)
         with model.disable_adapter():
             model(input_ids=ids).logits.sum().backward()
-        assert not calls  # no gradients, or the adapter off: peft's own forward
+        assert not any(calls.values())  # no gradients, or the adapter off: peft's own forward
         model(input_ids=ids).logits.sum().backward()
-        assert len(calls) == 2 * 14  # forward and recompute
+        # forward and recompute: 6 linears a layer alone, the down projection inside the MLP's function
+        assert [len(calls[f]) for f in functions] == [2 * 12, 2 * 2]
     finally:
-        fused.apply = original
+        for f in functions:
+            f.apply = originals[f]
     lora4bit.remove(model)
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+class SavedTensors(torch.autograd.graph.saved_tensors_hooks):
+    """The distinct tensors autograd saves for backward (by storage), with their element counts."""
+
+    def __init__(self):
+        self.sizes = {}
+        super().__init__(self.pack, lambda t: t)
+
+    def pack(self, tensor):
+        self.sizes[tensor.untyped_storage().data_ptr()] = tensor.numel()
+        return tensor
+
+
+def test_the_fused_mlp_keeps_gate_and_up_not_their_product(write_experiment):
+    """The SwiGLU's output (tokens x intermediate) is what the down projection's adapter reads: the stock path keeps
+    it for the backward beside the gate and up projections, the fused MLP recomputes it from them."""
+    model = load(write_experiment)
+    mlp = checkpointing.decoder_layers(model)[0].mlp
+    intermediate = model.config.intermediate_size
+    x = torch.randn(1, 6, model.config.hidden_size, requires_grad=True)
+    kept = {}
+    for fused in (False, True):
+        lora4bit.apply_levers(model, False, fused)
+        saved = SavedTensors()
+        with saved:
+            out = mlp(x)
+        kept[fused] = list(saved.sizes.values()).count(6 * intermediate)  # activations of 6 tokens
+        out.square().sum().backward()
+        lora4bit.remove(model)
+    # stock: silu's input (gate), the product's two factors (silu(gate), up) and the down adapter's input
+    assert kept == {False: 4, True: 2}
+
+
+def test_the_fused_mlp_keeps_and_gives_back_an_instance_forward_of_liger(write_experiment):
+    model = load(write_experiment)
+    mlp = checkpointing.decoder_layers(model)[0].mlp
+    calls = []
+
+    def liger_forward(self, x):  # what Liger binds into a SwiGLU MLP, from its own module
+        calls.append(1)
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    liger_forward.__module__ = "liger_kernel.transformers.swiglu"
+    mlp.forward = liger_forward.__get__(mlp)
+    assert lora4bit.apply_levers(model, True, True)["fused_mlp"] == 2
+    ids = torch.randint(0, 2000, (1, 8))
+    model(input_ids=ids).logits.sum().backward()
+    assert calls == []  # training: the fused MLP
+    with torch.no_grad():  # no gradients: the MLP's previous forward
+        model(input_ids=ids)
+    assert calls == [1]
+    lora4bit.remove(model)
+    assert mlp.__dict__["forward"].__func__ is liger_forward
 
 
 def test_checkpointing_the_first_layers_survives_a_trainer_turning_it_off_and_on(write_experiment):
@@ -140,3 +198,15 @@ def test_fused_adamw_trains_like_adamw(write_experiment, tmp_path):
     plain = train(write_experiment, tmp_path, "adamw", "method.optim=adamw_torch")
     fused = train(write_experiment, tmp_path, "fused", "method.optim=adamw_torch_fused")
     assert_same_training(plain, fused, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_the_fused_mlp_trains_like_the_stock_modules_on_a_gpu(write_experiment, tmp_path, dtype):
+    """On a GPU, where Liger's SwiGLU kernels compute the activation (and Liger's own MLP forward is the stock path):
+    4 steps with every lever against peft's and Liger's modules (fused_lora off), graphed, with the first layer
+    checkpointed."""
+    sets = (f"method.compute_dtype={dtype}", "method.gradient_checkpointing=1")
+    stock = train(write_experiment, tmp_path, f"stock-{dtype}", *sets, "method.fused_lora=false")
+    fused = train(write_experiment, tmp_path, f"fused-{dtype}", *sets)
+    assert_same_training(stock, fused, rtol=1e-4 if dtype == "float32" else 2e-3)

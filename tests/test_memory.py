@@ -76,6 +76,20 @@ def test_layer_activation_bytes_by_hand():
     assert cost.layer_activation_bytes(TINY, no_dropout) == expected - 2 * 3 * 64 + 2 * 64  # one shared input
 
 
+def test_the_fused_mlp_keeps_gate_and_up_and_not_the_down_projections_input():
+    all_linear = replace(QV, lora_dropout=0.0, lora_targets=("all-linear",))
+    stock = cost.layer_activation_bytes(TINY, all_linear)
+    # the SwiGLU's output (2 x 176) is neither kept by the MLP nor by the down projection's adapter
+    assert cost.layer_activation_bytes(TINY, replace(all_linear, fused_mlp=True)) == stock - 2 * 2 * 176
+    liger = replace(all_linear, liger=True)
+    assert cost.layer_activation_bytes(TINY, replace(liger, fused_mlp=True)) == (
+        cost.layer_activation_bytes(TINY, liger) - 2 * 176)
+    # with dropout on the adapters, or without an adapted down projection, nothing changes
+    for work in (replace(all_linear, lora_dropout=0.1), QV):
+        assert cost.layer_activation_bytes(TINY, replace(work, fused_mlp=True)) == cost.layer_activation_bytes(
+            TINY, work)
+
+
 def test_checkpointing_and_accumulation_change_the_right_components():
     on = cost.plan(TINY, replace(QV, seq_len=2048, micro_batch=8))
     off = cost.plan(TINY, replace(QV, seq_len=2048, micro_batch=8, gradient_checkpointing=False))

@@ -148,23 +148,23 @@ def layer_activation_bytes(arch: Architecture, work: Workload) -> float:
     output of each adapted module for its magnitude's gradient (2 x d x out; not calibrated). Checked against the
     bytes autograd saves on the GPU (``scripts/measure_memory.py --probe``). With Liger's kernels
     (``work.liger``) each RMSNorm keeps its input in the compute dtype and one float32 reciprocal norm per token,
-    and the SwiGLU keeps only the gate and up projections (it recomputes the activation in its backward).
-    """
+    and the SwiGLU keeps only the gate and up projections (it recomputes the activation in its backward), as does fx's
+    fused MLP (``work.fused_mlp``), which recomputes the adapted down projection's input too."""
     h, i, kv, d = arch.hidden, arch.intermediate, arch.kv_dim, dtype_bytes(work.compute_dtype)
     norms = 2 * (d * h + 4) if work.liger else 2 * 4 * h
     kv_saved = kv if arch.kv_heads == arch.heads else h  # repeat_kv materialises grouped keys and values
     attention = d * h + 2 * d * kv_saved + d * h + 4 * arch.heads
-    mlp = 2 * d * i if work.liger else 3 * d * i
-    lora = 0.0
-    shared_inputs = set()
-    for name, (fan_in, fan_out) in lora_shapes(arch, work.lora_targets).items():
+    shapes = lora_shapes(arch, work.lora_targets)
+    fused_mlp = work.fused_mlp and "down_proj" in shapes and work.lora_dropout == 0 and not work.dora
+    mlp, lora, shared_inputs = 2 * d * i if work.liger or fused_mlp else 3 * d * i, 0.0, set()
+    for name, (fan_in, fan_out) in shapes.items():
         lora += d * work.lora_r + (2 * d * fan_out if work.dora else 0)
         if work.lora_dropout > 0:
             lora += (1 + d) * fan_in
         else:
             shared_inputs.add("attn_in" if name in ("q_proj", "k_proj", "v_proj") else
                               "mlp_in" if name in ("gate_proj", "up_proj") else name)
-    for key in shared_inputs:
+    for key in shared_inputs - ({"down_proj"} if fused_mlp else set()):
         lora += d * (i if key == "down_proj" else h)
     return norms + attention + mlp + lora
 

@@ -64,6 +64,8 @@ class Workload:
     checkpointed_layers: int | None = None  # with gradient_checkpointing: only the first N decoder layers (None: all)
     dequantize_once: bool = False           # a checkpointed layer's recompute keeps its dequantised weights
     liger: bool = False                     # Liger's RMSNorm and SwiGLU kernels, which keep fewer tensors for backward
+    fused_mlp: bool = False                 # an adapted down projection and the SwiGLU in one function (fused_lora):
+                                            # gate and up kept, the SwiGLU's output recomputed in the backward
     # preference training (DPO): sequences per row in one forward (trl concatenates chosen and rejected answers
     # into one batch of 2 x micro-batch), a no-grad reference forward of that batch after the policy's (the base
     # with the adapter off), and a frozen copy of the adapter as the reference (training from an SFT adapter)

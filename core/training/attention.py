@@ -91,6 +91,14 @@ def efficient_varlen_attn(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale=Non
     return _efficient_function().apply(q, k, v, cu_q.int(), cu_k.int(), max_q, max_k, scale)
 
 
+def packed(t):
+    """A packed batch's (1, heads, tokens, dim) query, key or value as the kernels take it, (tokens, heads, dim): a
+    view of the projection's (tokens, heads x dim) output, whose gradient flows back without a copy. (``t[0]``'s
+    backward writes the gradient into a fresh zeroed tensor, laid out (heads, tokens, dim), and Liger's RoPE and the
+    projection's view then copy it back: a fill and up to three strided copies for each of q, k and v.)"""
+    return t.squeeze(0).transpose(0, 1)
+
+
 def fx_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers' attention-function interface: query (batch, heads, tokens, dim); returns (batch, tokens, heads,
     dim) and no weights."""
@@ -105,7 +113,7 @@ def fx_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, 
         kernel, causal, gqa = efficient_varlen_attn, {}, False
     else:
         kernel, causal, gqa = _varlen()
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
+    q, k, v = (packed(t) for t in (query, key, value))
     extra = {}
     if k.shape[1] != q.shape[1]:
         if gqa:

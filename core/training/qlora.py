@@ -153,6 +153,7 @@ class QLoraMethod(Method):
         fields: dict[str, Any] = dict(
             micro_batch=s.micro_batch_size, seq_len=max_length, gradient_checkpointing=gc is not False and gc != 0,
             checkpointed_layers=layers, dequantize_once=s.dequantize_once and not s.compile,
+            fused_mlp=s.fused_lora and not s.compile,
             lora_r=s.lora.r, lora_targets=targets, lora_dropout=s.lora.dropout, compute_dtype=dtype,
             quant_type=s.quant_type, double_quant=s.double_quant, optim=s.optim, dora=s.lora.variant == "dora",
             gradient_accumulation=s.gradient_accumulation_steps,
