@@ -220,7 +220,8 @@ def mlp_function():
 
         @staticmethod
         def forward(ctx, gate, up, weight, quant_state, a, b, scale, keep):
-            c = swiglu(gate.contiguous(), up.contiguous())
+            gate, up = gate.contiguous(), up.contiguous()  # Liger's kernels read rows of contiguous tensors
+            c = swiglu(gate, up)
             if keep:
                 w = dequantize(weight, quant_state, c.dtype)
                 out = torch.nn.functional.linear(c, w)
@@ -259,9 +260,10 @@ def mlp_function():
 
 def _silu(module) -> bool:
     import torch
-    from transformers.activations import SiLUActivation
+    from transformers import activations
 
-    return isinstance(module, (torch.nn.SiLU, SiLUActivation))
+    # transformers' own SiLU module (5.x: ``SiLUActivation``; earlier releases use torch's) computes ``F.silu``
+    return isinstance(module, (torch.nn.SiLU, getattr(activations, "SiLUActivation", torch.nn.SiLU)))
 
 
 def mlp_forward(self, x, *, dequantize_once: bool = True):
@@ -285,8 +287,8 @@ def mlp_forward(self, x, *, dequantize_once: bool = True):
 
 
 def fusable_mlp(module) -> bool:
-    """Whether ``module`` is a SwiGLU MLP (gate, up and down projections, SiLU, no biases) whose down projection is a
-    peft LoRA linear on a 4-bit base."""
+    """Whether ``module`` is a SwiGLU MLP (gate, up and down projections, SiLU) whose down projection is a peft LoRA
+    linear on a 4-bit base (whether a call can be fused, :func:`mlp_forward` asks as each call comes)."""
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
     down = getattr(module, "down_proj", None)
