@@ -94,8 +94,9 @@ def efficient_varlen_attn(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale=Non
 def packed(t):
     """A packed batch's (1, heads, tokens, dim) query, key or value as the kernels take it, (tokens, heads, dim): a
     view of the projection's (tokens, heads x dim) output, whose gradient flows back without a copy. (``t[0]``'s
-    backward writes the gradient into a fresh zeroed tensor, laid out (heads, tokens, dim), and Liger's RoPE and the
-    projection's view then copy it back: a fill and up to three strided copies for each of q, k and v.)"""
+    backward writes each gradient into a fresh zeroed tensor laid out (heads, tokens, dim), a fill and a strided copy
+    for each of q, k and v, and Liger's RoPE backward (q, k) and v's projection view copy them back: six copies a
+    layer.)"""
     return t.squeeze(0).transpose(0, 1)
 
 
