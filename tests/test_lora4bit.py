@@ -210,3 +210,28 @@ def test_the_fused_mlp_trains_like_the_stock_modules_on_a_gpu(write_experiment, 
     stock = train(write_experiment, tmp_path, f"stock-{dtype}", *sets, "method.fused_lora=false")
     fused = train(write_experiment, tmp_path, f"fused-{dtype}", *sets)
     assert_same_training(stock, fused, rtol=1e-4 if dtype == "float32" else 2e-3)
+
+
+def test_the_fused_mlp_reads_gate_and_up_before_liger_overwrites_them(write_experiment, monkeypatch):
+    """Liger's SwiGLU backward writes the gradients over its inputs: the fused MLP must recompute the product for the
+    adapter's gradient first. Kernels with Liger's contract (in torch, as Liger's docs give them) stand in for its
+    Triton ones, which need a GPU."""
+
+    def forward(a, b):
+        return a, b, (torch.nn.functional.silu(a.float()) * b.float()).to(a.dtype)
+
+    def backward(a, b, dc):
+        sig = torch.sigmoid(a.float())
+        silu = a.float() * sig
+        db = dc.float() * silu
+        da = dc.float() * (silu * (1 - sig) + sig) * b.float()
+        a.copy_(da)
+        b.copy_(db)
+        return a, b
+
+    model = load(write_experiment)
+    _, stock, _ = step(model, True, True)
+    monkeypatch.setattr(lora4bit, "_kernels", lambda a: (forward, backward))
+    _, liger, _ = step(model, True, True)
+    for name in stock:
+        torch.testing.assert_close(liger[name], stock[name], rtol=1e-5, atol=1e-7)

@@ -183,11 +183,16 @@ def _liger_swiglu():
     return swiglu_forward, swiglu_backward
 
 
+def _kernels(a):
+    """Liger's SwiGLU kernels for a tensor on a GPU, else None."""
+    return _liger_swiglu() if a.is_cuda else None
+
+
 def swiglu(a, b):
     """``silu(a) * b`` in a's dtype, the activation computed in float32 (Liger's and transformers' numerics on fp16)."""
     import torch
 
-    kernels = _liger_swiglu() if a.is_cuda else None
+    kernels = _kernels(a)
     if kernels is not None:
         return kernels[0](a, b)[2]
     return torch.nn.functional.silu(a.float()).to(a.dtype) * b
@@ -197,7 +202,7 @@ def swiglu_backward(a, b, dc):
     """The gradients of ``silu(a) * b`` with respect to a and b (Liger's kernel writes them into a and b)."""
     import torch
 
-    kernels = _liger_swiglu() if a.is_cuda else None
+    kernels = _kernels(a)
     if kernels is not None:
         return kernels[1](a, b, dc)
     af = a.float()
