@@ -100,3 +100,26 @@ def test_packed_rows_reach_the_kernel_and_come_back_without_a_copy():
         q.backward(grad)
     assert copies.ops == []
     torch.testing.assert_close(projection.grad, grad.reshape(1, tokens, heads * dim), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype, expected", [(torch.float16, "flash"), (torch.bfloat16, "flash"),
+                                             (torch.float32, "efficient")])
+def test_float32_rows_go_to_the_kernel_that_takes_them(monkeypatch, dtype, expected):
+    """FlashAttention takes fp16 and bf16 only: with it chosen (fx_varlen), float32 rows (a float32 model's, or RoPE's
+    float32 product under fp16 autocast) go to the memory-efficient kernel instead of failing in FlashAttention."""
+    called = []
+
+    def kernel(name):
+        def run(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, **extra):
+            called.append(name)
+            return torch.zeros_like(q)
+        return run
+
+    monkeypatch.setattr(attention, "_varlen", lambda: (kernel("flash"), {"is_causal": True}, True))
+    monkeypatch.setattr(attention, "efficient_varlen_attn", kernel("efficient"))
+    module = type("Attention", (), {"config": type("Config", (), {"_attn_implementation": attention.NAME})()})()
+    tokens, heads, dim = 6, 4, 8
+    query = torch.randn(1, heads, tokens, dim, dtype=dtype)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    out, _ = attention.fx_varlen_attention(module, query, query, query, None, cu_seq_lens_q=cu, max_length_q=4)
+    assert called == [expected] and out.shape == (1, tokens, heads, dim)

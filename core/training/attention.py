@@ -109,7 +109,11 @@ def fx_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, 
     if cu_q is None or query.shape[0] != 1 or dropout:  # not a packed training batch
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    efficient = module.config._attn_implementation == EFFICIENT
+    import torch
+
+    # FlashAttention takes fp16 and bf16 only: float32 rows (a float32 model, or RoPE's float32 product under fp16
+    # autocast) go to the memory-efficient kernel, which takes all three
+    efficient = module.config._attn_implementation == EFFICIENT or query.dtype not in (torch.float16, torch.bfloat16)
     if efficient:
         kernel, causal, gqa = efficient_varlen_attn, {}, False
     else:
