@@ -209,7 +209,11 @@ def test_the_fused_mlp_trains_like_the_stock_modules_on_a_gpu(write_experiment, 
     sets = (f"method.compute_dtype={dtype}", "method.gradient_checkpointing=1")
     stock = train(write_experiment, tmp_path, f"stock-{dtype}", *sets, "method.fused_lora=false")
     fused = train(write_experiment, tmp_path, f"fused-{dtype}", *sets)
-    assert_same_training(stock, fused, rtol=1e-4 if dtype == "float32" else 2e-3)
+    # in fp16 a few adapter weights differ by up to 1e-3 after 4 steps (9 of 1,408 on an H100): rounding flips the
+    # sign of a near-zero gradient, and Adam moves that weight by up to a whole step (learning rate 0.01) the other
+    # way. A quarter of a step bounds that; the losses are compared too, at 2e-3
+    exact = dtype == "float32"
+    assert_same_training(stock, fused, rtol=1e-4 if exact else 2e-3, atol=1e-5 if exact else 2.5e-3)
 
 
 def test_the_fused_mlp_reads_gate_and_up_before_liger_overwrites_them(write_experiment, monkeypatch):

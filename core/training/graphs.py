@@ -77,6 +77,35 @@ class Static:
     outputs: Any = None  # (loss, entropy sum, correct, scored)
 
 
+def capture(run, pool, stream):
+    """``run()`` captured into a new CUDA graph on ``stream``, its memory from ``pool``: ``(graph, outputs)``.
+
+    A capture that fails in ``capture_end`` (cudaStreamEndCapture's error, after anything the capture can't hold, a
+    synchronisation for one) raises before CUDA's default generator leaves capture mode, and every eager random op
+    after it (dropout: the run goes on eagerly) fails with "Offset increment outside graph capture encountered
+    unexpectedly". So after a failure one kernel is captured, which ends the generator's capture, before the error
+    is raised."""
+    import torch
+
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.stream(stream):
+            graph.capture_begin(pool=pool)
+            try:
+                outputs = run()
+            finally:
+                graph.capture_end()
+    except Exception:
+        torch.cuda.synchronize()
+        ending = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream):
+            ending.capture_begin()
+            torch.empty(1, device="cuda").zero_()
+            ending.capture_end()
+        raise
+    return graph, outputs
+
+
 def forward_backward(backbone, head, static: Static, params, grads, *, varlen: bool, amp_dtype, scale=None):
     """One padded step: the loss over the answer tokens, its gradients added to ``grads`` (in place); returns the
     loss (unscaled), the entropy summed over scored tokens, how many were predicted right, and how many scored.
@@ -247,19 +276,12 @@ class GraphedSteps:
             # one capture stream for every graph: the allocator reuses a freed block only on the stream that freed
             # it, so a stream per capture would give each graph memory of its own
             self.stream = torch.cuda.Stream()
-        graph = torch.cuda.CUDAGraph()
         stream = self.stream
         stream.wait_stream(torch.cuda.current_stream())
         try:
-            with torch.cuda.stream(stream):
-                graph.capture_begin(pool=self.pool)
-                try:
-                    outputs = run()
-                finally:
-                    graph.capture_end()
+            graph, outputs = capture(run, self.pool, stream)
         except Exception as exc:  # noqa: BLE001 - any failure: report once, train on eagerly
             self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            torch.cuda.synchronize()
             warnings.warn(f"method.cuda_graphs: capturing a training step failed ({self.failed}); "
                           "the run continues with eager steps", stacklevel=2)
             return
