@@ -110,7 +110,7 @@ def test_graphed_steps_replay_what_the_eager_steps_compute(write_experiment, tmp
 
 @pytest.mark.gpu
 def test_random_ops_run_eagerly_after_a_failed_capture():
-    """A capture that fails in capture_end (a synchronisation inside it) is reported, and the run's eager steps that
+    """A capture that fails in capture_end (a synchronisation inside it) raises, and the run's eager steps that
     follow can still draw dropout masks (without the generator's capture ended, dropout fails with "Offset increment
     outside graph capture encountered unexpectedly")."""
     x = torch.ones(4096, device="cuda")

@@ -3,7 +3,8 @@
 Two attention functions take packed rows (trl's collator passes their boundaries as ``cu_seq_lens_q``/``cu_seq_lens_k``)
 with no mask and no work across rows:
 
-* ``fx_varlen``: PyTorch's variable-length FlashAttention (``torch.nn.attention.varlen``, compute capability 8.0+);
+* ``fx_varlen``: PyTorch's variable-length FlashAttention (``torch.nn.attention.varlen``, compute capability 8.0+;
+  fp16 and bf16, so float32 rows take the memory-efficient kernel);
 * ``fx_varlen_efficient``: PyTorch's memory-efficient attention kernel (the one SDPA uses for a mask on a T4, and
   for nested tensors) given the same sequence offsets, through ``torch.ops.aten._efficient_attention_forward`` and
   its backward, as ``torch.nn.attention.varlen`` calls FlashAttention's; any CUDA GPU, so a T4 (compute
