@@ -3,6 +3,8 @@ attention over that sequence alone would. The kernels need a CUDA GPU; the choic
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -117,7 +119,7 @@ def test_float32_rows_go_to_the_kernel_that_takes_them(monkeypatch, dtype, expec
 
     monkeypatch.setattr(attention, "_varlen", lambda: (kernel("flash"), {"is_causal": True}, True))
     monkeypatch.setattr(attention, "efficient_varlen_attn", kernel("efficient"))
-    module = type("Attention", (), {"config": type("Config", (), {"_attn_implementation": attention.NAME})()})()
+    module = SimpleNamespace(config=SimpleNamespace(_attn_implementation=attention.NAME))
     tokens, heads, dim = 6, 4, 8
     query = torch.randn(1, heads, tokens, dim, dtype=dtype)
     cu = torch.tensor([0, 2, 6], dtype=torch.int32)
