@@ -124,3 +124,27 @@ def test_random_ops_run_eagerly_after_a_failed_capture():
         graphs.capture(run, None, torch.cuda.Stream())
     kept = torch.nn.functional.dropout(x, 0.5).count_nonzero().item()
     assert 0 < kept < x.numel()
+    # and a later capture (the next run in the same process) captures and replays
+    graph, out = graphs.capture(lambda: torch.nn.functional.dropout(x, 0.5), None, torch.cuda.Stream())
+    graph.replay()
+    assert 0 < out.count_nonzero().item() < x.numel()
+
+
+@pytest.mark.gpu
+def test_a_capture_after_a_warm_up_whose_autograd_graph_lives_on():
+    """The warm-up step's autograd graph still alive at the capture (here held by its loss; in a run, by a reference
+    cycle the collector hasn't reached) doesn't break the capture: the warm-up ran on the capture's stream, so its
+    parameter's AccumulateGrad node belongs to that stream."""
+    w = torch.arange(1024.0, device="cuda").requires_grad_()
+
+    def run():
+        loss = (w * w).sum()
+        (grad,) = torch.autograd.grad(loss, [w])
+        return loss, grad
+
+    stream = torch.cuda.Stream()
+    kept_loss, _ = graphs.warm_up(run, stream)
+    graph, (_, grad) = graphs.capture(run, None, stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert kept_loss.grad_fn is not None and torch.equal(grad, 2 * w.detach())

@@ -8,6 +8,7 @@ attached as ``.grad``. A capture that fails is reported once and the run goes on
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 import warnings
@@ -104,6 +105,21 @@ def capture(run, pool, stream):
             ending.capture_end()
         raise
     return graph, outputs
+
+
+def warm_up(run, stream):
+    """``run()`` eagerly on ``stream``, the stream its captures will use, before the first of them (as PyTorch's
+    CUDA-graph recipes warm up): the autograd nodes it leaves behind (a parameter's AccumulateGrad lives as long as
+    any autograd graph that reaches it) then belong to the capture's stream, and a capture that meets one doesn't
+    synchronise with the default stream ("The AccumulateGrad node's stream does not match...", then "operation failed
+    due to a previous error during capture")."""
+    import torch
+
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        outputs = run()
+    torch.cuda.current_stream().wait_stream(stream)
+    return outputs
 
 
 def forward_backward(backbone, head, static: Static, params, grads, *, varlen: bool, amp_dtype, scale=None):
@@ -211,7 +227,7 @@ class GraphedSteps:
                                        varlen=self.varlen, amp_dtype=amp_dtype, scale=scale)
         self.model.train()
         if not self.capture or not self.warm:
-            outputs = run()
+            outputs = run() if not self.capture else warm_up(run, self._capture_stream())
             self.warm = True
             self.eager += 1
         else:
@@ -265,6 +281,15 @@ class GraphedSteps:
                 g.copy_(p.grad)
             p.grad = g
 
+    def _capture_stream(self):
+        """One capture stream for every graph and for the warm-up: the allocator reuses a freed block only on the
+        stream that freed it, so a stream per capture would give each graph memory of its own."""
+        import torch
+
+        if self.stream is None:
+            self.stream = torch.cuda.Stream()
+        return self.stream
+
     def _capture(self, static: Static, run) -> None:
         import torch
 
@@ -273,15 +298,25 @@ class GraphedSteps:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()  # the eager warm-up's cached blocks: the graphs have a pool of their own
             self.pool = torch.cuda.graph_pool_handle()
-            # one capture stream for every graph: the allocator reuses a freed block only on the stream that freed
-            # it, so a stream per capture would give each graph memory of its own
-            self.stream = torch.cuda.Stream()
-        stream = self.stream
+        # an earlier step's autograd graph that a reference cycle keeps alive holds its parameters' AccumulateGrad
+        # nodes, each tied to the stream it was made on: a capture meeting one made on the default stream
+        # synchronises with it and fails. Collecting the cycles (as torch.cuda.graph did before PyTorch 2.6) costs a
+        # few milliseconds once per bucket.
+        gc.collect()
+        stream = self._capture_stream()
         stream.wait_stream(torch.cuda.current_stream())
         try:
             graph, outputs = capture(run, self.pool, stream)
         except Exception as exc:  # noqa: BLE001 - any failure: report once, train on eagerly
             self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if self.failed:
+            # every later step runs eagerly: the graphs captured so far, and the failed capture's blocks in their
+            # pool (its graph went with the exception), give their memory back to the eager steps
+            for kept in self.static.values():
+                kept.graph = kept.outputs = None
+            self.pool = None
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
             warnings.warn(f"method.cuda_graphs: capturing a training step failed ({self.failed}); "
                           "the run continues with eager steps", stacklevel=2)
             return
