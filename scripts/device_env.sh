@@ -5,6 +5,8 @@
 # PYTHON picks another interpreter and DEVICE_SITE another package folder ("" for none): a dry run on a CPU.
 mkdir -p /tmp/dev /tmp/fxcache
 [ -d /tmp/dev/site ] || tar -xJf .devsite/devsite.tar.xz -C /tmp/dev || return 1
+# Unsloth, where carried (.devsite/unsloth.tar.xz: site-unsloth/, for scripts/measure_kernels.py's Unsloth workers)
+[ -d /tmp/dev/site-unsloth ] || [ ! -f .devsite/unsloth.tar.xz ] || tar -xJf .devsite/unsloth.tar.xz -C /tmp/dev || return 1
 cp -rn .fxcache/. /tmp/fxcache/
 export PYTHONPATH=${DEVICE_SITE-/tmp/dev/site} PYTHONUNBUFFERED=1 FX_CACHE=/tmp/fxcache FX_DEVSITE=/tmp/dev \
   HF_HUB_OFFLINE=1
