@@ -298,10 +298,10 @@ class GraphedSteps:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()  # the eager warm-up's cached blocks: the graphs have a pool of their own
             self.pool = torch.cuda.graph_pool_handle()
-        # an earlier step's autograd graph that a reference cycle keeps alive holds its parameters' AccumulateGrad
-        # nodes, each tied to the stream it was made on: a capture meeting one made on the default stream
-        # synchronises with it and fails. Collecting the cycles (as torch.cuda.graph did before PyTorch 2.6) costs a
-        # few milliseconds once per bucket.
+        # an earlier eager step's autograd graph still alive (in a reference cycle not yet collected) holds its
+        # parameters' AccumulateGrad nodes, each tied to the stream it was made on: a capture meeting one made on the
+        # default stream synchronises with it and fails. So the cycles are collected first, once per bucket (as
+        # torch.cuda.graph does under TORCH_CUDAGRAPH_GC=1).
         gc.collect()
         stream = self._capture_stream()
         stream.wait_stream(torch.cuda.current_stream())
