@@ -20,10 +20,11 @@ from fx.hooks.specs import hookimpl
 from fx.run.tracking import Tracker
 from fx.settings import Settings
 from fx.sources import DatasetSource, ModelSource
+from fx.stages.base import Stage
 from fx.training.method import Method, Session
 from fx.training.qlora import QLoraMethod
 
 __version__ = "0.1.0"
 
 __all__ = ["DatasetSource", "Message", "Method", "ModelSource", "QLoraMethod", "Rendered", "Session", "Settings",
-           "Template", "Tracker", "UserError", "__version__", "hookimpl"]
+           "Stage", "Template", "Tracker", "UserError", "__version__", "hookimpl"]

@@ -144,9 +144,10 @@ def cmd_merge(args) -> int:
     from fx.after import fidelity, inference
     from fx.after.merge import merge
 
-    exp = inference.experiment(args.run_dir)
-    quiet_libraries()
-    result = merge(exp, args.run_dir, args.out or args.run_dir / "merged", args.dtype, base=args.base)
+    ctx = inference.finished(args.run_dir)
+    result = merge(ctx, args.out or args.run_dir / "merged", args.dtype, base=args.base)
+    ctx.summary.merge = result  # the run's record keeps the last merge and its check
+    ctx.record.write()
     fidelity.report(result)
     return 0
 
@@ -155,9 +156,9 @@ def cmd_export(args) -> int:
     from fx.after import inference
     from fx.after.export import export, record, report
 
-    quiet_libraries()
-    result = export(inference.experiment(args.run_dir), args.run_dir, args.format, args.quant, args.out)
-    record(args.run_dir, result)
+    ctx = inference.finished(args.run_dir)
+    result = export(ctx, args.format, args.quant, args.out)
+    record(ctx, result)
     print(f"exported ({result['format']}, {result['quant']}, {result['size_gib']} GiB): {result['out']}")
     print(report(result), file=sys.stderr if result["check"]["passed"] is False else sys.stdout)
     return 1 if result["check"]["passed"] is False else 0

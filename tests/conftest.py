@@ -14,6 +14,7 @@ import torch
 import fx
 from fx import config, pipeline
 from fx.hooks import manager
+from fx.stages import builtin
 from fx.training.qlora import QLoraMethod
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +39,29 @@ def fresh_plugins():
     manager.get.cache_clear()
     yield
     manager.get.cache_clear()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def summaries_fit_their_schema(tmp_path_factory):
+    """Every summary.json a run of the session wrote (fx writes a ``version``) validates against the record's
+    schema, fx.run.record.RunSummary."""
+    yield
+    from pydantic import ValidationError
+
+    from fx.run.record import RunSummary
+
+    bad = []
+    for path in tmp_path_factory.getbasetemp().rglob("summary.json"):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and "version" in data:
+            try:
+                RunSummary.model_validate(data)
+            except ValidationError as exc:
+                bad.append(f"{path}: {exc}")
+    assert not bad, "\n".join(bad)
 
 
 @pytest.fixture
@@ -170,7 +194,7 @@ def tiny_run(train_tiny):
     """The tiny experiment trained once, merge stage on (float32), watched by a :class:`StageObserver`:
     ``(experiment, run folder, observer)``."""
     observer = StageObserver()
-    save, merge = QLoraMethod.save, pipeline.merge
+    save, merge = QLoraMethod.save, builtin.merge
 
     def save_and_probe(self, model, folder):
         observer.trained_logits = logits(model.eval(), StageObserver.PROBE)
@@ -184,7 +208,7 @@ def tiny_run(train_tiny):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(QLoraMethod, "save", save_and_probe)
-        mp.setattr(pipeline, "merge", merge_and_check)
+        mp.setattr(builtin, "merge", merge_and_check)
         exp, folder = train_tiny("tiny", overrides=["stages.merge.enabled=true", 'stages.merge.dtype="float32"'],
                                  plugins=[(observer, "observer")])
     return exp, folder, observer

@@ -16,6 +16,7 @@ from fx.data.templating import encode, encode_prompt
 from fx.data.tokenize import prompt_of, render
 from fx.errors import ConfigError, UserError
 from fx.hooks import manager
+from fx.stages import builtin
 
 
 def rows(items):
@@ -183,7 +184,7 @@ def test_trains_through_each_format(fmt, write_experiment):
     assert summary["train_loss"] > 0
     assert (folder / "lengths.png").read_bytes().startswith(b"\x89PNG")
     samples = (folder / "samples.md").read_text()
-    assert all(f"{i}. {c[-1]['content']}" in samples for i, c in enumerate(pipeline.sample_prompts(exp, prep)[0], 1))
+    assert all(f"{i}. {c[-1]['content']}" in samples for i, c in enumerate(builtin.sample_prompts(exp, prep)[0], 1))
 
 
 def test_sft_refuses_preference_pairs(write_experiment):

@@ -132,12 +132,14 @@ def test_fsdp_qlora_trains_and_its_adapter_loads_in_plain_peft(experiment, one, 
     assert list(steps) == list(range(1, 13)) and steps[12] < steps[1] - 0.5
     assert steps == pytest.approx(losses(one), abs=1e-3)  # the same training as one process
     summary = json.loads((folder / "summary.json").read_text())
-    assert summary["distributed"]["strategy"] == "fsdp" and "eval_before" not in summary
+    assert summary["distributed"]["strategy"] == "fsdp" and summary["eval_before"] is None
     assert summary["eval_after"]["loss"] < 7.0 and (folder / "samples.md").is_file()
     assert (folder / "checkpoints" / "checkpoint-12" / "pytorch_model_fsdp_0").is_dir()  # each rank's shard
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from fx.training.qlora import keep_4bit_layout
 
     exp = config.load(experiment)
     path = exp.model.cls(exp.model.settings).path()
@@ -147,6 +149,7 @@ def test_fsdp_qlora_trains_and_its_adapter_loads_in_plain_peft(experiment, one, 
             path, dtype=torch.float32, device_map={"": "cpu"},
             quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                    bnb_4bit_compute_dtype=torch.float32))
+        keep_4bit_layout(base)  # bitsandbytes' CPU repacking fails on the tiny model's shapes (docs/memory.md)
         return PeftModel.from_pretrained(base, folder / "adapter").eval()
 
     ids = torch.tensor([[1, 40, 41, 42, 300, 301, 302, 7]])

@@ -34,8 +34,8 @@ def undocumented(module, guide: str) -> list[str]:
 
 def test_the_hooks_are_found():
     assert set(hooks(specs)) == {"fx_register_templates", "fx_register_methods", "fx_register_trackers",
-                                 "fx_register_models", "fx_register_datasets", "fx_run_start", "fx_log",
-                                 "fx_stage_start", "fx_stage_end", "fx_run_end"}
+                                 "fx_register_models", "fx_register_datasets", "fx_register_stages", "fx_run_start",
+                                 "fx_log", "fx_stage_start", "fx_stage_run", "fx_stage_end", "fx_run_end"}
 
 
 def test_every_hook_and_parameter_is_documented():

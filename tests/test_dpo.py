@@ -281,7 +281,7 @@ def test_merging_a_dpo_run_checks_the_chosen_answers_and_the_models_own_preferen
     from fx.after.merge import merge
 
     _, folder = dpo_run
-    result = merge(inference.experiment(folder), folder, tmp_path / "merged", "float32")
+    result = merge(inference.finished(folder), tmp_path / "merged", "float32")
     check, after = result["check"], json.loads((folder / "summary.json").read_text())["eval_after"]
     assert result["base"] == "trained" and check["within_tolerance"], check
     assert check["adapter"]["loss"] == pytest.approx(after["chosen_loss"], rel=1e-3)

@@ -215,7 +215,8 @@ def test_bad_input_exits_2_with_nothing_written(tiny_run, tmp_path, monkeypatch,
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     shutil.copy(folder / "config.toml", unfinished)
-    (unfinished / "summary.json").write_text(json.dumps({"status": "interrupted"}))
+    summary = json.loads((folder / "summary.json").read_text())
+    (unfinished / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
     assert cli.main(["export", str(unfinished), "--out", str(out)]) == 2
     assert "saved no adapter (its status: interrupted)" in capsys.readouterr().err
     assert nothing_written(unfinished, out)

@@ -233,7 +233,7 @@ def test_merging_a_kto_run_checks_the_desirable_answers(kto_run, tmp_path):
     from fx.after.merge import merge
 
     _, folder = kto_run
-    result = merge(inference.experiment(folder), folder, tmp_path / "merged", "float32")
+    result = merge(inference.finished(folder), tmp_path / "merged", "float32")
     check, after = result["check"], json.loads((folder / "summary.json").read_text())["eval_after"]
     assert check["within_tolerance"], check
     assert check["adapter"]["loss"] == pytest.approx(after["desirable_loss"], rel=1e-3)

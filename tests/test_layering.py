@@ -22,6 +22,7 @@ LAYERS = [
     ("fx.training",),
     ("fx.run",),
     ("fx.after",),
+    ("fx.stages",),
     ("fx.pipeline", "fx.bench"),
     ("fx.cli",),
 ]

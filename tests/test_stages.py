@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from conftest import TINY_EXPERIMENT, TINY_ROWS, StageObserver, logits
-from fx import cli, config, pipeline
+from fx import cli, config
 from fx.after import inference
 from fx.data.prepare import prepare
 from fx.errors import ConfigError
 from fx.plugins.templates.llama2 import Llama2
 from fx.plugins.templates.native import Native
+from fx.stages import builtin
 from fx.training.qlora import QLoraMethod
 
 PROBE = StageObserver.PROBE
@@ -233,7 +234,8 @@ def test_run_without_adapter(tiny_run, tmp_path, capsys):
     failed = tmp_path / "failed"
     failed.mkdir()
     shutil.copy(folder / "config.toml", failed)
-    (failed / "summary.json").write_text(json.dumps({"status": "failed"}))
+    summary = json.loads((folder / "summary.json").read_text())
+    (failed / "summary.json").write_text(json.dumps({**summary, "status": "failed"}))
     for command in (["eval", str(failed)], ["chat", str(failed)], ["merge", str(failed)]):
         assert cli.main(command) == 2
         assert "saved no adapter (its status: failed)" in capsys.readouterr().err
@@ -318,7 +320,7 @@ def test_samples_md_says_where_its_prompts_came_from(tiny_run, write_experiment)
     assert f"at most {exp.stages.generate.max_new_tokens} new tokens" in samples
     given = config.load(write_experiment(TINY_EXPERIMENT, TINY_ROWS),
                         ['stages.generate.prompts=["Who are you?", "What is 1 plus 1?"]'])
-    prompts, origin = pipeline.sample_prompts(given, prepare(given))
+    prompts, origin = builtin.sample_prompts(given, prepare(given))
     assert [p[-1]["content"] for p in prompts] == ["Who are you?", "What is 1 plus 1?"]
     assert origin == "the 2 prompts of the experiment's `[stages.generate] prompts`"
 

@@ -14,9 +14,9 @@ from typing import Any
 
 from fx.after import export_check, gguf_file, inference
 from fx.after.merge import merge
-from fx.config import Experiment
 from fx.errors import UserError
 from fx.files import atomic_folder, write_atomic
+from fx.run.context import Context
 from fx.run.directory import RunDir
 
 FORMATS = ("gguf", "ollama")
@@ -49,34 +49,32 @@ def modelfile(template, quant: str, run_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _merged(exp: Experiment, run_dir: Path, work: Path) -> tuple[Path, dict[str, Any]]:
+def _merged(ctx: Context, work: Path) -> tuple[Path, dict[str, Any]]:
     """The run's merged folder when it holds the adapter merged into its trained base; otherwise the model merged
     so into ``work`` for this export (not checked on its own: the export's check measures what comes of it)."""
-    files = RunDir(run_dir)
+    files = ctx.folder
     record = inference.merge_record(files.merged) if (files.merged / "config.json").is_file() else None
     if record is not None and record.get("base") == "trained":
+        ctx.model = None  # the trained model in memory is not needed again: its measurement is in the record
         return files.merged, {"path": str(files.merged), "reused": True, "base": "trained"}
-    result = merge(exp, run_dir, work / "merged", "auto", base="trained", check=False)
+    result = merge(ctx, work / "merged", "auto", base="trained", check=False)
     why = (f"{files.merged} is merged into the {record.get('base', 'original')} weights, not the trained base"
            if record is not None else None)
     return work / "merged", {**result, "reused": False, "path": None,  # removed after the export
                              **({"not_reused": why} if why else {})}
 
 
-def export(exp: Experiment, run_dir: Path, fmt: str, quant: str, out: Path | None = None,
-           adapter: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the run's model as ``fmt`` at ``out`` (default: ``RUN/export/...``), then check it. Every refusal
-    comes before anything is merged or written; what is written appears whole or not at all. ``adapter``: the
-    adapter model's :func:`fx.after.fidelity.measure` when the caller has it (the export stage measured the model
-    it trained); otherwise the check loads the adapter and measures it."""
-    run_dir = Path(run_dir)
+def export(ctx: Context, fmt: str, quant: str, out: Path | None = None) -> dict[str, Any]:
+    """Write the run's model as ``fmt`` at ``out`` (default: ``RUN/export/...``), then check it against the adapter
+    (whose measurement is the run's, taken before anything is merged: fx.after.inference.trained_measure). Every
+    refusal comes before anything is merged or written; what is written appears whole or not at all."""
+    run_dir = ctx.folder.path
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: one of {', '.join(FORMATS)}")
     gguf_file.check_quant(quant)
     inference.adapter_dir(run_dir)  # an unfinished run is refused here
-    source = exp.model.cls(exp.model.settings)
-    gguf_file.check_architecture(source.config().to_dict())
-    template = exp.template.cls(exp.template.settings, source.tokenizer())
+    gguf_file.check_architecture(ctx.source.config().to_dict())
+    template = ctx.template
     chat_template = template.chat_template()
     described = modelfile(template, quant, run_dir.resolve().name) if fmt == "ollama" else None
     out = Path(out) if out is not None else default_out(run_dir, fmt, quant)
@@ -84,10 +82,11 @@ def export(exp: Experiment, run_dir: Path, fmt: str, quant: str, out: Path | Non
         raise UserError(f"{out} already exists; remove it or choose another --out")
     if fmt == "gguf" and out.suffix != ".gguf":
         raise UserError(f"--out {out}: a GGUF file's name ends in .gguf")
+    inference.trained_measure(ctx)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".fx-export-") as work:
-        merged, merge_result = _merged(exp, run_dir, Path(work))
+        merged, merge_result = _merged(ctx, Path(work))
         if fmt == "gguf":
             written = gguf_file.write(merged, out, quant, run_dir.resolve().name, chat_template)
             model_path = out
@@ -98,18 +97,15 @@ def export(exp: Experiment, run_dir: Path, fmt: str, quant: str, out: Path | Non
             model_path = out / MODEL_FILE
             written["path"] = str(model_path)
     result: dict[str, Any] = {"format": fmt, "out": str(out), **written, "merge": merge_result}
-    result["check"] = export_check.check(exp, run_dir, model_path, quant, adapter)
+    result["check"] = export_check.check(ctx, model_path, quant)
     return result
 
 
-def record(run_dir: Path, result: dict[str, Any]) -> None:
-    """The export and its check in the run's ``summary.json`` (``exports``, one entry per output path)."""
-    files = RunDir(run_dir)
-    summary = files.read_summary()
-    summary["exports"] = [e for e in summary.get("exports", []) if e.get("out") != result["out"]] + [result]
-    files.write_summary(summary)
-
-
+def record(ctx: Context, result: dict[str, Any]) -> None:
+    """The export and its check in the run's record (``exports``, one entry per output path)."""
+    summary = ctx.summary
+    summary.exports = [e for e in summary.exports if e.get("out") != result["out"]] + [result]
+    ctx.record.write()
 def report(result: dict[str, Any]) -> str:
     """One paragraph on the check, for the terminal; a failed check says so first, in capitals."""
     check = result["check"]

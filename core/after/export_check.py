@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from fx.after import fidelity, inference
-from fx.after.merge import release
-from fx.config import Experiment
-from fx.data.prepare import prepare
+from fx.after.inference import release
 from fx.evaluation import held_out_prompts
+from fx.run.context import Context
 
 TOLERANCE = {"f32": 0.02, "f16": 0.02, "bf16": 0.04, "q8_0": 0.04, "q5_1": 0.10, "q5_0": 0.10, "q4_1": 0.20,
              "q4_0": 0.20}
@@ -74,28 +73,22 @@ def answers_problem(quant: str, same: int, total: int) -> str | None:
             f"for {quant}")
 
 
-def check(exp: Experiment, run_dir: Path, path: Path, quant: str, adapter: dict[str, Any] | None = None
-          ) -> dict[str, Any]:
-    """The exported file against the adapter on the held-out split (``adapter``: its
-    :func:`fx.after.fidelity.measure`, when the caller has it); ``passed`` says whether it is within the tolerance,
-    ``problems`` what is not."""
-    prep = prepare(exp)
+def check(ctx: Context, path: Path, quant: str) -> dict[str, Any]:
+    """The exported file against the adapter on the run's held-out split (the adapter's measurement is the run's:
+    :func:`fx.after.inference.trained_measure`); ``passed`` says whether it is within the tolerance, ``problems``
+    what is not."""
+    prep = ctx.prep
     tolerance = {"loss_relative": TOLERANCE[quant], "same_answers": SAME_ANSWERS.get(quant)}
     if not prep.held_out.rows:
         return {"passed": None, "tolerance": tolerance, "problems": ["the run has no held-out rows to check on"]}
-    settings = exp.stages.evaluate
+    settings = ctx.exp.stages.evaluate
     prompts = [conversation[-1]["content"]
                for _, (conversation, _) in held_out_prompts(prep.template, prep.held_out_examples, settings)]
+    adapter = inference.trained_measure(ctx)
     exported = load_gguf(path)
     got, got_answers = _measure(exported, prep, settings)
     del exported
     release()
-    if adapter is None:
-        model = inference.load_model(exp, prep.source, run_dir)
-        adapter = fidelity.measure(model, prep.tokenizer, prep.template, prep.held_out.rows, prep.held_out_examples,
-                                   settings)
-        del model
-        release()
     want, want_answers = {k: v for k, v in adapter.items() if k != "answers"}, adapter["answers"]
 
     difference = abs(got["loss"] - want["loss"]) / max(want["loss"], 1e-9) if "loss" in want else 0.0

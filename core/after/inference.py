@@ -4,6 +4,7 @@ start here; the first three take a run folder or a merged folder."""
 
 from __future__ import annotations
 
+import gc
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +16,22 @@ from fx.data.formats import to_examples
 from fx.data.prepare import metric_problems, prepare
 from fx.errors import UserError
 from fx.hooks import manager
+from fx.quiet import quiet_libraries
+from fx.run.context import Context
 from fx.run.directory import RunDir
 from fx.run.resume import read_run
 from fx.training.devices import device
 
 RECORD = "fx_merged.json"  # written by fx merge into the merged folder: the run it came from, its base and dtype
+
+
+def release() -> None:
+    """Give back the memory of models no longer referenced (the GPU's cache included) before loading another."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def device_map() -> dict[str, Any]:
@@ -68,7 +80,8 @@ def load_merged(folder: Path, dtype=None):
 def adapter_dir(run_dir: Path) -> Path:
     files = RunDir(run_dir)
     if not files.adapter.is_dir():
-        status = files.read_summary().get("status", "unknown")
+        summary = files.read_summary()
+        status = summary.status if summary is not None else "unknown"
         raise UserError(f"{run_dir}: the run saved no adapter (its status: {status}); train it to the end first")
     return files.adapter
 
@@ -87,7 +100,7 @@ class Loaded:
 
 def load_model(exp: Experiment, source, run_dir: Path):
     """The base from the model source, loaded as the run's method trains on it, with the run's adapter."""
-    return exp.method.cls(exp.method.settings).load_trained(source, adapter_dir(run_dir))
+    return exp.built.method.load_trained(source, adapter_dir(run_dir))
 
 
 def load(run_dir: Path, exp: Experiment | None = None) -> Loaded:
@@ -96,9 +109,7 @@ def load(run_dir: Path, exp: Experiment | None = None) -> Loaded:
     merged = merge_record(run_dir) is not None
     if not merged:
         adapter_dir(run_dir)  # refuse before loading anything
-    source = exp.model.cls(exp.model.settings)
-    tokenizer = source.tokenizer()
-    template = exp.template.cls(exp.template.settings, tokenizer)
+    source, tokenizer, template = exp.built.source, exp.built.tokenizer, exp.built.template
     if merged:
         return Loaded(exp, source, tokenizer, template, load_merged(run_dir), Path(run_dir))
     return Loaded(exp, source, tokenizer, template, load_model(exp, source, run_dir))
@@ -122,8 +133,8 @@ def held_out(loaded: Loaded, data: Path):
     if problems:
         raise UserError("\n".join(problems))
     try:
-        method = loaded.exp.method.cls(loaded.exp.method.settings)
-        tokenized = method.tokenize(examples, loaded.template, loaded.tokenizer, loaded.exp.data.max_length)
+        tokenized = loaded.exp.built.method.tokenize(examples, loaded.template, loaded.tokenizer,
+                                                     loaded.exp.data.max_length)
     except ValueError as exc:
         raise UserError(f"template {loaded.exp.template.name!r}: {exc}") from None
     return tokenized, examples
@@ -153,7 +164,35 @@ def evaluate_run(run_dir: Path, data: Path | None = None) -> dict[str, Any]:
         metrics = fidelity.measure(model, tokenizer, template, rows.rows, examples, exp.stages.evaluate)
         del metrics["answers"]
     else:
-        method = exp.method.cls(exp.method.settings)
-        metrics = method.evaluate(model, tokenizer, template, rows.rows, examples, exp.stages.evaluate)
+        metrics = exp.built.method.evaluate(model, tokenizer, template, rows.rows, examples, exp.stages.evaluate)
     return {"run": str(run_of(run_dir)), "model": f"merged: {run_dir}" if merged else "adapter",
             "data": str(data) if data else "held-out rows of the run", "rows": len(rows.rows), "metrics": metrics}
+
+
+def finished(run_dir: Path) -> Context:
+    """The context of a finished run for a command on it (``fx merge``, ``fx export``): a run that saved no adapter
+    is refused before its data are prepared."""
+    exp = experiment(run_dir)
+    adapter_dir(run_dir)
+    quiet_libraries()
+    return Context.finished(run_dir, exp)
+
+
+def trained_measure(ctx) -> dict[str, Any] | None:
+    """The trained adapter model measured on the run's held-out rows as a merged or exported model is
+    (:func:`fx.after.fidelity.measure`, the greedy answers included), or None when the run has no held-out rows. The
+    run's record keeps it: measured once (on the trained model in memory when there is one, else on the saved adapter
+    loaded as the method trains it), then reused by every merge and export check of the run."""
+    if ctx.summary.adapter_heldout is not None:
+        return ctx.summary.adapter_heldout
+    prep = ctx.prep
+    if not (prep.held_out.rows or prep.held_out_examples):
+        return None
+    model = ctx.model if ctx.trained and ctx.model is not None else load_model(ctx.exp, ctx.source, ctx.folder.path)
+    measured = fidelity.measure(model, prep.tokenizer, prep.template, prep.held_out.rows, prep.held_out_examples,
+                                ctx.exp.stages.evaluate)
+    del model
+    release()
+    ctx.summary.adapter_heldout = measured
+    ctx.record.write()
+    return measured

@@ -11,42 +11,32 @@ is measured against the adapter on the run's held-out rows (fx.after.fidelity).
 
 from __future__ import annotations
 
-import gc
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 from fx.after import fidelity, inference
-from fx.config import Experiment
-from fx.data.prepare import prepare
+from fx.after.inference import release
 from fx.errors import UserError
 from fx.files import atomic_folder
+from fx.run.context import Context
 from fx.training.devices import compute_dtype, dtype_name
 
 BASES = ("trained", "original")
-
-
-def release() -> None:
-    """Give back the memory of models no longer referenced (the GPU's cache included) before loading another."""
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def folder_size_gib(folder: Path) -> float:
     return round(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**30, 3)
 
 
-def merge(exp: Experiment, run_dir: Path, out: Path, dtype: str = "auto", *, base: str = "trained",
-          check: bool = True, adapter: dict[str, Any] | None = None) -> dict[str, Any]:
+def merge(ctx: Context, out: Path, dtype: str = "auto", *, base: str = "trained", check: bool = True
+          ) -> dict[str, Any]:
     """Merge the run's adapter into its ``base`` (``trained``: what the adapter was trained against; ``original``:
     the model source's weights) in ``dtype`` (``auto``: bf16/fp16 on a GPU, float32 on CPU), write the model into
     ``out`` (written beside, then renamed into place), and unless ``check`` is False measure it against the adapter
-    on the held-out rows. ``adapter``: the adapter model's :func:`fx.after.fidelity.measure`, when the caller has
-    it (the merge stage measures the model it trained); otherwise the adapter is loaded and measured first.
+    on the held-out rows. The adapter's own measurement is the run's (:func:`fx.after.inference.trained_measure`:
+    the record's, else the trained model in memory, else the saved adapter loaded and measured once).
 
     Returns ``path``, ``dtype``, ``base``, ``size_gib``, ``wall_s`` (loading and merging), ``chat_template``, and
     ``check``: :func:`fx.after.fidelity.compare`'s result, or a string saying why nothing was compared."""
@@ -58,35 +48,26 @@ def merge(exp: Experiment, run_dir: Path, out: Path, dtype: str = "auto", *, bas
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists; remove it or choose another --out")
-    adapter_dir = inference.adapter_dir(run_dir)
-    prep = prepare(exp) if check else None
-    method = exp.method.cls(exp.method.settings)
-    source = prep.source if prep else exp.model.cls(exp.model.settings)
-    tokenizer = prep.tokenizer if prep else source.tokenizer()
-    template = prep.template if prep else exp.template.cls(exp.template.settings, tokenizer)
+    adapter_dir = inference.adapter_dir(ctx.folder.path)
     chosen = compute_dtype(dtype)
-    settings = exp.stages.evaluate
-    held_out = prep is not None and bool(prep.held_out.rows or prep.held_out_examples)
-    if held_out and adapter is None:
-        model = method.load_trained(source, adapter_dir)
-        adapter = fidelity.measure(model, tokenizer, template, prep.held_out.rows, prep.held_out_examples, settings)
-        del model
-
+    settings = ctx.exp.stages.evaluate
+    adapter = inference.trained_measure(ctx) if check else None
+    ctx.model = None  # the trained (4-bit) model leaves memory before the base comes in
     release()
     result: dict[str, Any] = {"dtype": dtype_name(chosen), "base": base}
     if torch.cuda.is_available():  # what the previous (4-bit) model still holds when the base comes in
         result["vram_allocated_before_load_gib"] = round(torch.cuda.memory_allocated() / 2**30, 3)
     started = time.perf_counter()
-    loaded = (method.merge_base(source, chosen) if base == "trained"
-              else source.load(dtype=chosen, device_map=inference.device_map()))
+    loaded = (ctx.method.merge_base(ctx.source, chosen) if base == "trained"
+              else ctx.source.load(dtype=chosen, device_map=inference.device_map()))
     model = PeftModel.from_pretrained(loaded, adapter_dir).merge_and_unload()
-    chat = template.chat_template()
-    saved = source.tokenizer()  # a copy: the run's template keeps its tokenizer's own chat template
+    chat = ctx.template.chat_template()
+    saved = ctx.source.tokenizer()  # a copy: the run's template keeps its tokenizer's own chat template
     saved.chat_template = chat  # never the tokenizer's own template when the run trained on another one
     with atomic_folder(out, replace=True) as tmp:  # an empty folder at out is replaced
         model.save_pretrained(tmp)
         saved.save_pretrained(tmp)
-        (tmp / inference.RECORD).write_text(json.dumps({"run": str(Path(run_dir).resolve()), "base": base,
+        (tmp / inference.RECORD).write_text(json.dumps({"run": str(ctx.folder.path.resolve()), "base": base,
                                               "dtype": result["dtype"]}, indent=2) + "\n")
     del model, loaded
     release()
@@ -94,13 +75,14 @@ def merge(exp: Experiment, run_dir: Path, out: Path, dtype: str = "auto", *, bas
                   chat_template=chat is not None)
     if not check:
         result["check"] = "not asked for"
-    elif not held_out:
+    elif adapter is None:
         result["check"] = "no held-out rows to compare on"
     else:
+        prep = ctx.prep
         merged = inference.load_merged(out, chosen)
-        measured = fidelity.measure(merged, tokenizer, template, prep.held_out.rows, prep.held_out_examples, settings)
+        measured = fidelity.measure(merged, prep.tokenizer, prep.template, prep.held_out.rows, prep.held_out_examples,
+                                    settings)
         del merged
         release()
         result["check"] = fidelity.compare(adapter, measured, result["dtype"], settings.metric)
     return result
-

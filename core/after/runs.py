@@ -1,4 +1,4 @@
-"""``fx runs``: past runs read back from their directories (``config.toml``, ``summary.json``, ``metrics.jsonl``).
+"""``fx runs``: past runs read back from their record (``config.toml``, ``summary.json``, ``history.jsonl``).
 
 A folder is a run when it holds a ``config.toml``; anything else in the output folder (an MLflow store,
 a TensorBoard log) is passed over.
@@ -6,7 +6,7 @@ a TensorBoard log) is passed over.
 
 from __future__ import annotations
 
-import json
+import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,12 +39,15 @@ class RunRow:
     tokens_s: float | None
     vram: float | None  # peak GiB reserved on the GPU; None on CPU
     preference: dict[str, float]  # a preference run's reward/log-probability accuracy after training
+    results: dict[str, float]  # what plugins' stages recorded: ``<stage>.<key>`` -> number
 
 
 def read_run(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A run's resolved config and its summary (empty when the run never wrote one)."""
+    """A run's resolved config and its summary as JSON data (empty when the run never wrote one), read through
+    the record's schema (UserError naming the file when it doesn't fit)."""
     files = RunDir(folder)
-    return files.read_config(), files.read_summary()
+    summary = files.read_summary()
+    return files.read_config(), summary.to_dict() if summary is not None else {}
 
 
 def model_label(config: dict[str, Any]) -> str:
@@ -56,19 +59,9 @@ def model_label(config: dict[str, Any]) -> str:
 
 
 def eval_points(folder: Path, summary: dict[str, Any], metric: str) -> list[float]:
-    """Every held-out value of ``metric`` the run measured: metrics.jsonl when the run kept it, else the summary's."""
-    points: list[float] = []
-    try:
-        lines = RunDir(folder).metrics.read_text().splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a run killed mid-write leaves a partial last line
-        if "step" in record and isinstance(record.get(f"eval_{metric}"), (int, float)):
-            points.append(float(record[f"eval_{metric}"]))
+    """Every held-out value of ``metric`` the run measured, every segment's: its history, else the summary's."""
+    points = [float(m[f"eval_{metric}"]) for _, m in RunDir(folder).read_history()
+              if isinstance(m.get(f"eval_{metric}"), (int, float))]
     if not points:
         for key in ("eval_before", "eval_after"):
             value = (summary.get(key) or {}).get(metric)
@@ -78,7 +71,11 @@ def eval_points(folder: Path, summary: dict[str, Any], metric: str) -> list[floa
 
 
 def row(folder: Path) -> RunRow:
-    config, summary = read_run(folder)
+    try:
+        config, summary = read_run(folder)
+    except UserError as exc:  # one damaged run is listed as such, not a reason to list none
+        print(f"fx: {exc}", file=sys.stderr)
+        config, summary = RunDir(folder).read_config(), {"status": "unreadable"}
     after = summary.get("eval_after") or {}
     metric = config.get("stages", {}).get("evaluate", {}).get("metric", "none")
     if metric == "none":  # the held-out loss; a preference run measures its reward accuracy instead
@@ -96,6 +93,8 @@ def row(folder: Path) -> RunRow:
         steps=summary.get("steps"), metric=metric, final=final, best=best,
         tokens_s=summary.get("train_tokens_per_s"), vram=summary.get("peak_vram_gib"),
         preference={k: after[k] for k in PREFERENCE if isinstance(after.get(k), (int, float))},
+        results={f"{stage}.{k}": v for stage, values in (summary.get("results") or {}).items()
+                 for k, v in values.items() if _measure(v)},
     )
 
 
@@ -171,12 +170,14 @@ def show(directory: Path, sort: str = "date", reverse: bool = False, pair: list[
     table = Table(title=f"runs in {directory} (sorted by {sort}{', reversed' if reverse else ''})",
                   box=box.SIMPLE_HEAD)
     preference = [k for k in PREFERENCE if any(k in r.preference for r in rows)]  # only when a run has them
-    numeric = ("steps", "final", "best", *preference, "tokens/s", "VRAM GiB")
+    results = sorted({k for r in rows for k in r.results})  # plugins' stages' numbers, likewise
+    numeric = ("steps", "final", "best", *preference, *results, "tokens/s", "VRAM GiB")
     for column in ("name", "created", "model", "method", "status", "steps", "metric", "final", "best", *preference,
-                   "tokens/s", "VRAM GiB"):
+                   *results, "tokens/s", "VRAM GiB"):
         table.add_column(column, justify="right" if column in numeric else "left")
     for r in rows:
         table.add_row(r.name, r.date.astimezone().strftime("%Y-%m-%d %H:%M"), r.model, r.method, r.status,
                       _cell(r.steps), r.metric, _cell(r.final), _cell(r.best),
-                      *(_cell(r.preference.get(k)) for k in preference), _cell(r.tokens_s), _cell(r.vram))
+                      *(_cell(r.preference.get(k)) for k in preference), *(_cell(r.results.get(k)) for k in results),
+                      _cell(r.tokens_s), _cell(r.vram))
     console.print(table)

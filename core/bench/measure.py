@@ -185,7 +185,7 @@ def run(exp, steps: int, warmup: int, reference: bool = False, profile: Path | N
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    method = exp.method.cls(exp.method.settings)
+    method = prep.method
     started = time.perf_counter()
     model = method.load(prep.source, prep.tokenizer)
     load_s = time.perf_counter() - started

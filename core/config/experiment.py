@@ -14,11 +14,13 @@ import re
 import stat
 import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from fx.config.built import Built
 from fx.config.formats import column_problems
 from fx.config.sections import (
     BudgetSettings,
@@ -78,6 +80,13 @@ class Experiment:
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
     budget: BudgetSettings = field(default_factory=BudgetSettings)
     distributed: DistributedSettings = field(default_factory=DistributedSettings)
+    # every stage a plugin registered (fx_register_stages), with its [stages.<name>] settings (defaults when absent)
+    stage_plugins: list[Selected] = field(default_factory=list)
+
+    @cached_property
+    def built(self) -> Built:
+        """The plugins this experiment names, each built once (fx.config.built)."""
+        return Built(self)
 
     def resolved(self) -> dict[str, Any]:
         """The experiment with every default filled in, as TOML-ready data (no None values)."""
@@ -87,7 +96,7 @@ class Experiment:
         out["template"] = {"name": self.template.name, **self.template.settings.model_dump()}
         out["method"] = {"name": self.method.name, **self.method.settings.model_dump()}
         out["trackers"] = {t.name: t.settings.model_dump() for t in self.trackers}
-        out["stages"] = self.stages.model_dump()
+        out["stages"] = {**self.stages.model_dump(), **{s.name: s.settings.model_dump() for s in self.stage_plugins}}
         out["checkpoints"] = self.checkpoints.model_dump()
         if self.budget != BudgetSettings():
             out["budget"] = self.budget.model_dump()
@@ -210,6 +219,30 @@ def _trackers(data: Any, problems: list[str]) -> list[Selected]:
         if not found:
             chosen.append(Selected(name, entry.cls, validated, entry.plugin))
     return chosen
+
+
+def _stages(data: Any, problems: list[str]) -> tuple[StagesSettings | None, list[Selected]]:
+    """``[stages]``: fx's own stages' tables (``StagesSettings``), and each registered plugin stage's table validated
+    by its class's ``Settings``."""
+    if not isinstance(data, dict):
+        problems.append(f"stages: expected a table, got {toml_text(data)}")
+        return None, []
+    registry = manager.get()["stages"]
+    own = set(StagesSettings.model_fields)
+    for name in data:
+        if name not in own and name not in registry:
+            known = sorted(own | set(registry.names()))
+            hint = (f"stage {name!r} is disabled by FX_DISABLE_PLUGINS" if manager.disabled(name)
+                    else f"unknown stage{did_you_mean(name, known)} (configurable: {', '.join(known)})")
+            problems.append(f"stages.{name}: {hint}")
+    core = _validate(StagesSettings, {k: v for k, v in data.items() if k in own}, "stages", problems)
+    chosen = []
+    for name in registry.names():
+        entry = registry[name]
+        settings = _validate(entry.cls.Settings, data.get(name, {}), f"stages.{name}", problems)
+        if settings is not None:
+            chosen.append(Selected(name, entry.cls, settings, entry.plugin))
+    return core, chosen
 
 
 def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
@@ -337,7 +370,7 @@ def from_dict(raw: dict[str, Any], path: Path, base_dir: Path | None = None,
     template, _ = _select("template", raw.get("template", {"name": "native"}), problems)
     method, _ = _select("method", raw.get("method", {}), problems)
     trackers = _trackers(raw.get("trackers", {"console": {}, "jsonl": {}}), problems)
-    stages = _validate(StagesSettings, raw.get("stages", {}), "stages", problems)
+    stages, stage_plugins = _stages(raw.get("stages", {}), problems)
     checkpoints = _validate(CheckpointSettings, raw.get("checkpoints", {}), "checkpoints", problems)
     budget = _validate(BudgetSettings, raw.get("budget", {}), "budget", problems)
     distributed = _validate(DistributedSettings, raw.get("distributed", {}), "distributed", problems)
@@ -345,14 +378,13 @@ def from_dict(raw: dict[str, Any], path: Path, base_dir: Path | None = None,
         raise ConfigError(_blame(problems, path, overrides or {}))
     base = Path(base_dir) if base_dir is not None else path.resolve().parent
     return Experiment(path, experiment, model, data, dataset, template, method, trackers, stages, checkpoints, base,
-                      raw, budget, distributed)
+                      raw, budget, distributed, stage_plugins)
 
 
 def check(exp: Experiment) -> list[str]:
     """What each plugin the experiment names finds wrong before anything loads (``check()`` of its dataset source,
     model source and method; trackers are checked as the file is read), each line naming the file."""
-    found = [*exp.dataset.cls(exp.dataset.settings, exp.base_dir).check(), *exp.model.cls(exp.model.settings).check(),
-             *exp.method.cls(exp.method.settings).check()]
+    found = [*exp.built.dataset.check(), *exp.built.source.check(), *exp.built.method.check()]
     return [f"{exp.path}: {p}" for p in found]
 
 

@@ -19,6 +19,7 @@ class Prepared:
     source: Any
     tokenizer: Any
     template: Any
+    method: Any
     train: Tokenized
     held_out: Tokenized
     held_out_examples: list[Example]
@@ -41,7 +42,7 @@ KINDS = {"answers": ("have one answer per row", "one answer per row", "'messages
 def load_examples(exp: Experiment) -> tuple[list[Example], list[Example]]:
     """The experiment's rows as examples: the training split and the held-out split (``data.unpair``: preference
     pairs as unpaired rows, after the split, so that both answers of a pair stay on one side)."""
-    dataset = exp.dataset.cls(exp.dataset.settings, exp.base_dir)
+    dataset = exp.built.dataset
     refuse(exp, dataset.check())
     train_rows, eval_rows = dataset.load()
     if exp.data.max_rows:
@@ -101,12 +102,11 @@ def prepare(exp: Experiment) -> Prepared:
     """The rows, tokenizer and template of ``exp``, every row checked against its method."""
     train, held = load_examples(exp)
     check_kind(exp, train + held)
-    method = exp.method.cls(exp.method.settings)
+    method = exp.built.method
     refuse(exp, method.check() + metric_problems(exp.stages.evaluate, held, "held-out"))
-    source = exp.model.cls(exp.model.settings)
+    source = exp.built.source
     refuse(exp, source.check())
-    tokenizer = source.tokenizer()
-    template = exp.template.cls(exp.template.settings, tokenizer)
+    tokenizer, template = exp.built.tokenizer, exp.built.template
     try:
         train_tok = method.tokenize(train, template, tokenizer, exp.data.max_length)
         held_tok = method.tokenize(held, template, tokenizer, exp.data.max_length)
@@ -115,4 +115,4 @@ def prepare(exp: Experiment) -> Prepared:
     if not train_tok.rows:
         raise UserError(f"{exp.path}: no training row has an answer left within "
                         f"data.max_length = {exp.data.max_length}")
-    return Prepared(source, tokenizer, template, train_tok, held_tok, held, train)
+    return Prepared(source, tokenizer, template, method, train_tok, held_tok, held, train)

@@ -109,11 +109,9 @@ def build(exp: Experiment, count: int, png: Path | None) -> Report:
         raise UserError(f"{path}: is a folder; give --png the name of the PNG file to write")
     train, held = load_examples(exp)
     check_kind(exp, train + held)
-    method = exp.method.cls(exp.method.settings)
-    source = exp.model.cls(exp.model.settings)
+    method, source = exp.built.method, exp.built.source
     refuse(exp, source.check())
-    tokenizer = source.tokenizer()
-    template = exp.template.cls(exp.template.settings, tokenizer)
+    tokenizer, template = exp.built.tokenizer, exp.built.template
     max_length = exp.data.max_length
     shown = []
     try:

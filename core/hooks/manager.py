@@ -55,6 +55,7 @@ KINDS = {
     "trackers": "fx_register_trackers",
     "models": "fx_register_models",
     "datasets": "fx_register_datasets",
+    "stages": "fx_register_stages",
 }
 
 NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")

@@ -59,6 +59,16 @@ def fx_register_datasets(register: Register) -> None:
 
 
 @hookspec
+def fx_register_stages(register: Register) -> None:
+    """Register stages: subclasses of :class:`fx.Stage`, placed in ``fx run``'s declared list of stages before or
+    after a named one (the class's ``before`` or ``after``), with their own ``[stages.<name>]`` table validated by
+    the class's ``Settings``.
+
+    :param register: ``register(name, cls)``, as for templates.
+    """
+
+
+@hookspec
 def fx_run_start(run: Any) -> None:
     """A run begins: its directory exists and holds ``config.toml`` and ``env.json``.
 
@@ -84,9 +94,22 @@ def fx_stage_start(run: Any, stage: str) -> None:
     """A stage begins.
 
     :param run: the run, as for :func:`fx_run_start`.
-    :param stage: in order ``load``, ``evaluate_before``, ``generate_before``, ``train``, ``save``,
-        ``evaluate_after``, ``generate_after``, ``merge``; the evaluate, generate and merge stages run when
-        ``[stages.*]`` enables them (merge is off by default).
+    :param stage: the stage's name: one of the declared list (``fx.stages.declared``; docs/plugins.md, "Stages",
+        is generated from it), in its order, each when the experiment enables it.
+    """
+
+
+@hookspec(firstresult=True)
+def fx_stage_run(stage: Any, context: Any) -> dict[str, Any] | None:
+    """Run a stage; fx's own implementation calls ``stage.run(context)``. Wrap it to act around any stage
+    (``@fx.hookimpl(wrapper=True)``, then ``result = yield``); an implementation marked ``tryfirst=True`` that
+    returns a dict runs the stage in its place. Called on every rank.
+
+    :param stage: the stage (:class:`fx.Stage`): ``name``, ``settings`` (its ``[stages.<name>]`` table).
+    :param context: the run's context (:class:`fx.run.context.Context`): ``exp``, ``prep`` (the data, prepared
+        once), ``method``, ``source``, ``tokenizer``, ``template`` (each built once), ``folder``, ``summary`` (the
+        typed record), ``run`` and ``model`` (the model in memory).
+    :return: what the stage measured (a dict; may be empty), as ``fx_stage_end`` receives it.
     """
 
 

@@ -16,6 +16,7 @@ import tomli_w
 
 from fx.errors import UserError
 from fx.files import atomic_folder, drop_placeholder_card, write_atomic
+from fx.run.record import History, RunSummary, parse_summary, read_history
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -43,6 +44,7 @@ class RunDir:
     loss_plot = property(lambda self: self.path / "plots" / "loss.png")
     merged = property(lambda self: self.path / "merged")
     metrics = property(lambda self: self.path / "metrics.jsonl")  # the jsonl tracker's default file
+    history = property(lambda self: self.path / "history.jsonl")  # every logged step, written by core
     heldout = property(lambda self: self.path / "heldout.jsonl")  # the held-out rows, readable by `fx eval --data`
 
     @classmethod
@@ -84,12 +86,18 @@ class RunDir:
         except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise UserError(f"{self.path}: not a readable fx run ({exc})") from None
 
-    def read_summary(self) -> dict[str, Any]:
-        """The summary, or ``{}`` when the run never wrote one."""
+    def read_summary(self) -> RunSummary | None:
+        """The summary, validated against its schema (UserError naming the file when it doesn't fit), or None when
+        the run never wrote one (or left only a partial one)."""
         try:
-            return json.loads(self.summary.read_text())
-        except (OSError, json.JSONDecodeError):
-            return {}
+            data = json.loads(self.summary.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        return parse_summary(data, self.summary)
+
+    def read_history(self) -> History:
+        """Every logged step and evaluation, in order (fx.run.record)."""
+        return read_history(self.history, legacy=self.metrics)
 
     def read_origin(self) -> dict[str, Any]:
         try:

@@ -164,8 +164,11 @@ def _report(notes: Path, codes: dict[Any, int], ranks: int) -> int:
 def _record(run: Path, rank: int, status: str, message: str) -> None:
     """The run's summary says what ended it (the launcher writes it once every rank has stopped)."""
     folder = RunDir(run)
-    summary = folder.read_summary()
-    if summary:
-        summary.update(status=status, error=message[:2000], failed_rank=rank)
-        folder.write_summary(summary)
+    try:
+        summary = folder.read_summary()
+    except UserError:  # damaged: what ended the ranks is printed all the same
+        return
+    if summary is not None:
+        summary.status, summary.error, summary.failed_rank = status, message[:2000], rank
+        folder.write_summary(summary.to_dict())
 

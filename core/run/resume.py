@@ -55,7 +55,8 @@ def load_run(folder: Path, overrides: list[str] = (), reset_optimizer: bool = Fa
     missing or damaged is used, with a fresh one."""
     files = RunDir(folder)
     base_dir = _base_dir(files, folder)
-    if files.read_summary().get("status") == "completed":
+    summary = files.read_summary()
+    if summary is not None and summary.status == "completed":
         raise UserError(f"{folder}: the run completed; there is nothing to resume (fx eval measures it again, a new "
                         "run trains again)")
     exp = config.load(files.config, base_dir=base_dir)

@@ -1,14 +1,15 @@
-"""A run as plugins see it (the ``run`` argument of the lifecycle hooks), and its ``summary.json``."""
+"""A run as plugins see it (the ``run`` argument of the lifecycle hooks). What it logs goes to every plugin and into
+the run's ``history.jsonl`` (fx.run.record), whatever trackers are on."""
 
 from __future__ import annotations
 
 import signal
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from fx.run.directory import RunDir
+from fx.run.record import append_history, keep_history_until
 from fx.training.contract import Progress
 
 
@@ -16,15 +17,21 @@ class Run:
     """What a plugin sees of a run: read-only facts, and the training progress as it goes."""
 
     def __init__(self, folder: RunDir, config: dict[str, Any], plugins, resume_step: int | None = None,
-                 main: bool = True):
+                 main: bool = True, resuming: bool = False):
         self.files = folder
         self._config = config
         self._plugins = plugins
         self._main = main  # on several GPUs only rank 0's run calls the plugins' hooks
         self._resume_step = resume_step
         self.progress = Progress()
-        self.history: list[tuple[int, dict[str, float]]] = []  # every fx_log call, in order (plots/loss.png)
+        # every fx_log call of every segment, in order (plots/loss.png): a resumed run's history up to its checkpoint
+        self.history: list[tuple[int, dict[str, float]]] = []
         self.current_stage: str | None = None  # the stage under way, None between stages
+        self._history_file = None
+        if main:
+            if resuming:  # the steps after the checkpoint (all of them, with none) are trained again
+                self.history = keep_history_until(folder.history, resume_step or 0, legacy=folder.metrics)
+            self._history_file = open(folder.history, "a", encoding="utf-8")
 
     name = property(lambda self: self.files.path.name)
     dir = property(lambda self: self.files.path)  # the run's folder; its parent is the experiment's output_dir
@@ -45,7 +52,14 @@ class Run:
             metrics = {**metrics, "peak_vram_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3)}
         self.history.append((step, dict(metrics)))
         if self._main:
+            append_history(self._history_file, step, metrics)
             self._plugins.hook.fx_log(run=self, step=step, metrics=metrics)
+
+    def close(self) -> None:
+        """The run has ended: its history file is closed."""
+        if self._history_file is not None:
+            self._history_file.close()
+            self._history_file = None
 
     @contextmanager
     def stage(self, name: str) -> Iterator[dict[str, Any]]:
@@ -58,31 +72,3 @@ class Run:
         if self._main:
             self._plugins.hook.fx_stage_end(run=self, stage=name, result=result)
         self.current_stage = None
-
-
-class Summary(dict):
-    """``summary.json``, rewritten after every stage so that a killed run still says how far it got (by rank 0 alone
-    on several GPUs: ``folder`` None on the others). Each write brings ``wall_s`` up to date: the wall time of every
-    segment of the run (a resumed run adds ``earlier_wall_s``, its earlier segments', to this one's, counted from
-    ``started_at``), and the last of ``segments``' own."""
-
-    def __init__(self, folder: RunDir | None, started_at: float | None = None, earlier_wall_s: float = 0.0,
-                 **values):
-        super().__init__(**values)
-        self.folder = folder
-        self.started_at = time.perf_counter() if started_at is None else started_at
-        self.earlier_wall_s = earlier_wall_s
-        self.stopped_at: float | None = None
-
-    def stop_clock(self) -> None:
-        """The run has ended: later writes (what the trackers did at its end) keep its wall time as it is now, the
-        one ``fx_run_end`` was given."""
-        self.stopped_at = time.perf_counter()
-
-    def write(self) -> None:
-        elapsed = (self.stopped_at or time.perf_counter()) - self.started_at
-        self["wall_s"] = round(self.earlier_wall_s + elapsed, 1)
-        if self.get("segments"):
-            self["segments"][-1]["wall_s"] = round(elapsed, 1)
-        if self.folder is not None:
-            self.folder.write_summary(self)

@@ -47,12 +47,12 @@ def plan_experiment(exp, budget: str | float | None = None, ranks: int | None = 
     except ValueError as exc:
         raise UserError(f"--budget: {exc}") from None
     label = "" if budget is None else str(budget).lower() if gpu else f"{budget_bytes / GIB:g} GiB"
-    source = exp.model.cls(exp.model.settings)
+    source = exp.built.source
     problems = source.check()  # a model folder's clear message, before the planner reads its config
     if problems:
         raise UserError("\n".join(f"{exp.path}: {p}" for p in problems))
     arch = Architecture.from_config(source.config())
-    work = exp.method.cls(exp.method.settings).workload(exp.data.max_length, gpu.bf16 if gpu else None)
+    work = exp.built.method.workload(exp.data.max_length, gpu.bf16 if gpu else None)
     if work is None:
         raise UserError(f"method {exp.method.name!r} gives the memory planner no workload; it can't be planned")
     work = replace(work, liger=expects_liger(getattr(exp.method.settings, "liger", False), arch.model_type))
