@@ -6,6 +6,8 @@ and reuse the run's own measurement of the adapter."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import signal
 
 import pytest
@@ -70,6 +72,8 @@ def test_a_resumed_run_without_jsonl_keeps_one_record_of_every_segment(stopped, 
     assert first.samples.before and first.samples.after is None and "_(not generated yet)_" in files.samples.read_text()
     assert not files.metrics.exists() and steps_with(files.read_history(), "loss") == [1, 2, 3, 4]
 
+    before = stopped.parent.parent / "before-resume"  # outside the output folder fx runs lists
+    shutil.copytree(stopped, before)
     observer, drawn = resume(stopped, monkeypatch)
     # the stages the first segment completed are not run again; load always is (it builds the model in memory)
     assert observer.started == ["load", "train", "save", "evaluate_after", "generate_after"]
@@ -91,6 +95,9 @@ def test_a_resumed_run_without_jsonl_keeps_one_record_of_every_segment(stopped, 
     row = next(line for line in capsys.readouterr().out.splitlines() if stopped.name in line)
     best = max(m["eval_contains"] for _, m in history if "eval_contains" in m)
     assert "completed" in row and f"{best:.4g}" in row
+    assert cli.main(["runs", "--compare", str(before), str(stopped)]) == 0  # both read from their records alone
+    compared = capsys.readouterr().out
+    assert re.search(r"status\s+interrupted\s+completed", compared) and re.search(r"steps\s+4\s+12", compared)
 
 
 def test_a_run_recorded_before_the_schema_resumes(stopped, monkeypatch):
