@@ -8,9 +8,14 @@ folder with what was written so far and a record (summary.json, history.jsonl) t
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,7 +23,7 @@ from fx.config import Experiment
 from fx.data.formats import to_row
 from fx.data.prepare import Prepared, prepare
 from fx.data.report import length_histogram
-from fx.errors import Interrupted, UserError
+from fx.errors import Interrupted, Stopped, UserError
 from fx.plan.gpus import GIB
 from fx.run import launch
 from fx.run.context import Context
@@ -33,17 +38,36 @@ from fx.training import budget, distributed
 from fx.training.checkpoints import last_checkpoint, ranks_of
 
 
-def interrupted_at(run: Run) -> str:
-    """What a SIGINT outside the checkpointed steps (before or after training, or a second one during it) left,
-    and how to go on."""
-    where = run.current_stage or "setup"
+def interrupted_at(run: Run, signum: int = signal.SIGINT) -> str:
+    """What a signal outside the checkpointed steps (before or after training, or a second one during it) left, and
+    how to go on."""
+    where, name = run.current_stage or "setup", signal.Signals(signum).name
     resume = f"Resume with: {resume_command(run.dir)}"
     if where == "train":
-        return (f"stopped at once by a second SIGINT at step {run.step}; the last complete checkpoint is kept. "
+        return (f"stopped at once by a second {name} at step {run.step}; the last complete checkpoint is kept. "
                 f"{resume}")
     if run.files.adapter.is_dir():
-        return f"interrupted during the {where} stage, after training (the adapter is saved). {resume}"
-    return f"interrupted during the {where} stage, before training; nothing was trained yet. {resume}"
+        return f"{name}: interrupted during the {where} stage, after training (the adapter is saved). {resume}"
+    return f"{name}: interrupted during the {where} stage, before training; nothing was trained yet. {resume}"
+
+
+@contextmanager
+def stopping_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP stop the run where it is, as SIGINT does (fx.errors.Stopped), so that its record says
+    ``interrupted`` and names the stage; training's steps handle them their own way (fx.training.contract)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _measure_peaks(summary: RunSummary) -> None:
@@ -65,7 +89,8 @@ def _summary(exp: Experiment, prep: Prepared, run: Run, previous: RunSummary | N
     data = DataCounts(train_rows=len(prep.train.rows), eval_rows=len(prep.held_out.rows),
                       truncated=prep.train.truncated + prep.held_out.truncated,
                       dropped=prep.train.dropped + prep.held_out.dropped)
-    segment = Segment(started=_now(), from_step=run.resume_step or 0, to_step=run.resume_step or 0, wall_s=0.0)
+    segment = Segment(started=_now(), from_step=run.resume_step or 0, to_step=run.resume_step or 0, wall_s=0.0,
+                      host=socket.gethostname(), pid=os.getpid())
     if previous is None:
         return RunSummary(name=run.name, status="running", created=datetime.now().isoformat(timespec="seconds"),
                           started=segment.started, segments=[segment], model=exp.model.name, method=exp.method.name,
@@ -73,8 +98,9 @@ def _summary(exp: Experiment, prep: Prepared, run: Run, previous: RunSummary | N
     earlier = previous.segments or [Segment(started=previous.started, from_step=0, to_step=previous.steps or 0,
                                             wall_s=previous.wall_s)]  # a summary from before segments
     return previous.model_copy(deep=True, update=dict(
-        version=SCHEMA_VERSION, status="running", started=segment.started, segments=[*earlier, segment], world_size=world.size, data=data,
-        resumed_from_step=run.resume_step, error=None, failed_rank=None, plot_error=None, trackers_failed=None))
+        version=SCHEMA_VERSION, status="running", started=segment.started, segments=[*earlier, segment],
+        world_size=world.size, data=data, resumed_from_step=run.resume_step, error=None, failed_rank=None,
+        plot_error=None, trackers_failed=None))
 
 
 def execute(exp: Experiment, plugins, resume: Path | None = None) -> Path:
@@ -120,15 +146,16 @@ def execute(exp: Experiment, plugins, resume: Path | None = None) -> Path:
     ctx = Context(exp, prep, folder, record, plugins, run, previous, fitted, None, found[0] if found else None)
     error: BaseException | None = None
     try:
-        if world.main:
-            plugins.hook.fx_run_start(run=run)
-        ctx.cap = budget.cap_allocator(fitted)
-        if fitted:
-            summary.memory_plan = {**fitted.summary(),
-                                   "allocator_cap_gib": round(ctx.cap / GIB, 3) if ctx.cap else None}
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        walk(ctx, stages)
+        with stopping_on_signals():
+            if world.main:
+                plugins.hook.fx_run_start(run=run)
+            ctx.cap = budget.cap_allocator(fitted)
+            if fitted:
+                summary.memory_plan = {**fitted.summary(),
+                                       "allocator_cap_gib": round(ctx.cap / GIB, 3) if ctx.cap else None}
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            walk(ctx, stages)
         summary.status = "completed"
     except BaseException as exc:
         error = exc
@@ -139,7 +166,8 @@ def execute(exp: Experiment, plugins, resume: Path | None = None) -> Path:
         if summary.status != "interrupted":
             summary.error = f"{type(exc).__name__}: {exc}"[:2000]
         if isinstance(exc, KeyboardInterrupt):
-            raise Interrupted(interrupted_at(run), signal.SIGINT) from None
+            signum = getattr(exc, "signum", signal.SIGINT)
+            raise Interrupted(interrupted_at(run, signum), signum) from None
         raise
     finally:
         segment = summary.segments[-1]
@@ -165,6 +193,7 @@ def _finish(run: Run, record: Record, hub: TrackerHub, plugins, error: BaseExcep
         summary.trackers_failed = hub.failed
         record.write()
     plugins.pm.unregister(hub)
+
 
 def resumable(checkpoint: Path, world: distributed.World) -> None:
     """Refuse a checkpoint this world can't load: FSDP's sharded checkpoints load under FSDP on as many ranks, and

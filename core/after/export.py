@@ -106,6 +106,8 @@ def record(ctx: Context, result: dict[str, Any]) -> None:
     summary = ctx.summary
     summary.exports = [e for e in summary.exports if e.get("out") != result["out"]] + [result]
     ctx.record.write()
+
+
 def report(result: dict[str, Any]) -> str:
     """One paragraph on the check, for the terminal; a failed check says so first, in capitals."""
     check = result["check"]

@@ -15,6 +15,7 @@ from typing import Any
 from fx.config.diff import differences, flatten
 from fx.errors import UserError
 from fx.run.directory import RunDir
+from fx.run.record import RunSummary, alive
 from fx.settings import did_you_mean
 
 LOWER_IS_BETTER = {"loss", "perplexity", "chosen_loss"}
@@ -85,11 +86,14 @@ def row(folder: Path) -> RunRow:
     final = after.get(metric)
     best = (min if metric in LOWER_IS_BETTER else max)(points) if points else None
     created = summary.get("created") or RunDir(folder).read_origin().get("created") or summary.get("started")
+    status = summary.get("status", "unknown")
+    if status == "running" and alive(RunSummary.model_validate(summary)) is False:
+        status = "died"  # no process holds it: killed (kill -9, out of host memory) before it could say so
     date = (datetime.fromisoformat(created) if created
             else datetime.fromtimestamp(RunDir(folder).config.stat().st_mtime, timezone.utc))
     return RunRow(
         path=folder, name=summary.get("name", folder.name), date=date, model=model_label(config),
-        method=config.get("method", {}).get("name", "?"), status=summary.get("status", "unknown"),
+        method=config.get("method", {}).get("name", "?"), status=status,
         steps=summary.get("steps"), metric=metric, final=final, best=best,
         tokens_s=summary.get("train_tokens_per_s"), vram=summary.get("peak_vram_gib"),
         preference={k: after[k] for k in PREFERENCE if isinstance(after.get(k), (int, float))},

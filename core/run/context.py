@@ -59,4 +59,4 @@ class Context:
 
     def step(self) -> int:
         """The optimizer step the run stands at (0 before training)."""
-        return self.summary.steps or 0 if self.run is None else self.run.progress.step or self.summary.steps or 0
+        return (self.run.progress.step if self.run is not None else 0) or self.summary.steps or 0

@@ -11,6 +11,8 @@ before schema 1) has the same fields and reads as it is; such a run's history is
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +39,9 @@ class Segment(_Strict):
     from_step: int = Field(description="the optimizer step it started from (its checkpoint's; 0 for the first)")
     to_step: int = Field(description="the last optimizer step it logged")
     wall_s: float | None = Field(None, description="its wall time in seconds")
+    host: str | None = Field(None, description="the machine its process ran on")
+    pid: int | None = Field(None, description="its process (rank 0's), so that a run left 'running' by a process that "
+                                              "died can be told from one that runs")
 
 
 class DataCounts(_Strict):
@@ -129,6 +134,21 @@ def parse_summary(data: Any, where: Path | str) -> RunSummary:
                     for e in exc.errors()[:5]]
         raise UserError(f"{where}: not a summary fx can read ({'; '.join(problems)})") from None
     return summary
+
+
+def alive(summary: RunSummary) -> bool | None:
+    """Whether the process of a run that says it is running still is: None when that can't be told from here (another
+    machine, or a summary from before segments named their process)."""
+    segment = summary.segments[-1] if summary.segments else None
+    if segment is None or segment.pid is None or segment.host != socket.gethostname():
+        return None
+    try:
+        os.kill(segment.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process of that number
+        return True
+    return True
 
 
 class Record:

@@ -75,16 +75,15 @@ def _one(ctx, stage: Stage) -> None:
         entry = StageEntry(status=status, wall_s=round(time.perf_counter() - started, 2))
         ctx.summary.stages = {**ctx.summary.stages, stage.name: entry}
 
-    with ctx.run.stage(stage.name) as result:
-        try:
-            out = ctx.plugins.hook.fx_stage_run.call_extra([_run], {"stage": stage, "context": ctx})
-        except BaseException as exc:
-            ended("interrupted" if isinstance(exc, (KeyboardInterrupt, Interrupted)) else "failed")
-            raise
-        result.update(out or {})
-        stage.record(ctx, result)
-        ended("completed")
-        ctx.record.write()
+    try:
+        with ctx.run.stage(stage.name) as result:
+            result.update(ctx.plugins.hook.fx_stage_run.call_extra([_run], {"stage": stage, "context": ctx}) or {})
+            stage.record(ctx, result)
+            ended("completed")
+            ctx.record.write()
+    except BaseException as exc:  # in the stage's work, or in a plugin hearing of it: a resumed run runs it again
+        ended("interrupted" if isinstance(exc, (KeyboardInterrupt, Interrupted)) else "failed")
+        raise
 
 
 def describe() -> str:

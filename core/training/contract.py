@@ -34,7 +34,7 @@ class Progress:
     max_steps: int | None = None  # known once training starts
     step: int = 0  # optimizer steps done (a resumed run starts at its checkpoint's)
     batch_tokens: int | None = None  # real tokens of the batch being trained on
-    stop_signal: int | None = None  # SIGINT/SIGTERM arrived: finish the step, checkpoint, stop
+    stop_signal: int | None = None  # SIGINT/SIGTERM/SIGHUP arrived: finish the step, checkpoint, stop
     tokens_at_start: int = 0  # tokens the trainer had counted when this process started training
 
 
@@ -82,14 +82,14 @@ def contract_callback(progress: Progress, log: Log):
 
 @contextmanager
 def stop_on_signals(progress: Progress) -> Iterator[None]:
-    """SIGINT/SIGTERM ask training to finish its step and checkpoint; a second one stops at once."""
+    """SIGINT/SIGTERM/SIGHUP ask training to finish its step and checkpoint; a second one stops at once."""
 
     def handler(signum, frame):
         if progress.stop_signal is not None:
             raise KeyboardInterrupt
         progress.stop_signal = signum
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
