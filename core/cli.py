@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from fx.errors import Interrupted, TrainingFailed, UserError, printable
-from fx.quiet import quiet_libraries, silence_noise
+from fx.quiet import quiet_libraries, silence_noise, tolerate_closed_output
 
 
 def cmd_run(args) -> int:
@@ -22,6 +22,7 @@ def cmd_run(args) -> int:
     from fx.training.budget import use_expandable_segments
 
     use_expandable_segments()
+    tolerate_closed_output()  # a closed pipe or terminal never stops training
     if (args.file is None) == (args.resume is None):
         raise UserError("give an experiment file, or --resume RUN_DIR (not both)")
     if args.reset_optimizer and args.resume is None:
@@ -142,12 +143,11 @@ def cmd_eval(args) -> int:
 
 def cmd_merge(args) -> int:
     from fx.after import fidelity, inference
-    from fx.after.merge import merge
+    from fx.after.merge import merge, record
 
     ctx = inference.finished(args.run_dir)
     result = merge(ctx, args.out or args.run_dir / "merged", args.dtype, base=args.base)
-    ctx.summary.merge = result  # the run's record keeps the last merge and its check
-    ctx.record.write()
+    record(ctx, result)
     fidelity.report(result)
     return 0
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+MANIFEST = "fx-manifest.json"  # a folder's own list of its files, with sizes and SHA-256, written last
 
 
 def write_atomic(path: Path, content: str | bytes) -> None:
@@ -82,3 +86,36 @@ def drop_placeholder_card(folder: Path) -> None:
         return
     if any(p in text for p in PLACEHOLDERS):
         card.unlink(missing_ok=True)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def listing(folder: Path) -> dict[str, dict[str, Any]]:
+    """Every file under ``folder`` (links and the manifest left out), by relative name: its size and SHA-256."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and not p.is_symlink() and p.name != MANIFEST)
+    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256(p)} for p in files}
+
+
+def mismatches(folder: Path, files: dict[str, Any], hashes: bool = True) -> dict[str, str]:
+    """What is wrong with each file a manifest lists (``listing``'s form) that is missing, of another size or, with
+    ``hashes``, changed since: name -> a few words."""
+    out = {}
+    for name, want in files.items():
+        file = Path(folder) / name
+        try:
+            size = file.stat().st_size if file.is_file() else None
+            if size is None:
+                out[name] = "missing"
+            elif size != want.get("size"):
+                out[name] = f"{size} bytes, {want.get('size')} written"
+            elif hashes and sha256(file) != want.get("sha256"):
+                out[name] = "its contents changed after it was written"
+        except (OSError, AttributeError) as exc:
+            out[name] = f"unreadable ({exc})"
+    return out

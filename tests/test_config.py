@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TINY_EXPERIMENT
 from fx import config
 from fx.errors import ConfigError, UserError
 
@@ -86,3 +87,19 @@ def test_malformed_set_is_refused(tiny_experiment):
 def test_strings_are_not_coerced_to_numbers(tiny_experiment):
     with pytest.raises(ConfigError, match="method.learning_rate"):
         config.load(tiny_experiment, ['method.learning_rate="0.1"'])
+
+
+def test_a_run_that_would_train_nothing_is_refused(tiny_experiment):
+    with pytest.raises(ConfigError, match="max_steps=0': value error, 0 steps train nothing: give a number of "
+                                          "steps, or -1 to train for `epochs`"):
+        config.load(tiny_experiment, ["method.max_steps=0"])
+
+
+def test_a_toml_file_that_is_not_utf8_is_refused_naming_its_line(write_experiment):
+    path = write_experiment(TINY_EXPERIMENT)
+    text = path.read_bytes()
+    path.write_bytes(text.replace(b'system_prompt = "Answer with a number."', b'system_prompt = "R\xe9ponds."'))
+    line = text[:text.index(b"system_prompt")].count(b"\n") + 1
+    with pytest.raises(UserError, match=f"not valid TOML: line {line}, column 19: not UTF-8 \\(byte 0xe9\\); save "
+                                        "the file as UTF-8"):
+        config.load(path)

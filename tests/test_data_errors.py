@@ -85,3 +85,22 @@ def test_reading_a_data_file_leaves_no_copy_in_the_home_cache(write_experiment, 
     code, _, err = fx_data(path, capsys, "--png", str(tmp_path / "l.png"))
     assert code == 0, err
     assert not list(home.rglob("*.arrow")) and not list((tmp_path / "fxcache").rglob("*.arrow"))
+
+
+def test_an_expect_column_of_strings_and_lists_keeps_every_string(write_experiment, tmp_path, capsys):
+    """datasets' JSON reader stores a column that mixes strings and lists as JSON and decodes a string that looks
+    like JSON into another type ("84" into 84, "true" into True): the file is read back exactly, a plain string
+    taken as a one-string list."""
+    rows = [{**r, "expect": r["expect"] if i % 2 else r["expect"][0]} for i, r in enumerate(TINY_ROWS)]
+    rows[0]["expect"], rows[2]["expect"] = "true", "[1]"
+    path = write_experiment(TINY_EXPERIMENT, rows)
+    from fx import config
+    from fx.data.formats import expected
+    from fx.data.prepare import load_examples
+
+    train, held = load_examples(config.load(path))
+    got = {e.messages[0]["content"]: expected(e) for e in train + held}
+    want = {r["messages"][0]["content"]: r["expect"] if isinstance(r["expect"], list) else [r["expect"]] for r in rows}
+    assert got == want
+    code, _, err = fx_data(path, capsys)
+    assert code == 0, err

@@ -233,3 +233,15 @@ def test_out_of_memory_in_training_ends_the_run_with_one_line_and_a_summary(tiny
     summary = json.loads(next((tiny_experiment.parent / "runs").glob("*/summary.json")).read_text())
     assert summary["status"] == "out_of_memory" and "out of GPU memory" in summary["error"]
     assert summary["memory_plan"]["total_gib"] > 0  # the plan is recorded next to the (here absent) peak
+
+
+def test_a_config_the_planner_cant_read_is_a_clear_refusal():
+    """A config that names its shapes otherwise (GPT-2's n_embd, n_layer) is refused by the planner in a line
+    (``fx plan`` exits 2 with it; ``fx run`` without a budget goes on unplanned), not an AttributeError."""
+    from transformers import GPT2Config
+
+    from fx.errors import UserError
+    from fx.plan.shapes import Architecture
+
+    with pytest.raises(UserError, match="the memory planner can't read a 'gpt2' config: .*intermediate_size"):
+        Architecture.from_config(GPT2Config())

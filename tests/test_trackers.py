@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 import sys
+import time
 import types
 from datetime import datetime
 from pathlib import Path
@@ -361,24 +362,29 @@ def test_fx_runs_lists_sorts_and_compares(tracked, tmp_path, capsys, monkeypatch
 
 
 def test_console_writes_a_line_every_n_steps_into_a_log_file(tmp_path):
-    """With stderr redirected to a file (nohup, a scheduler) there is no bar to redraw: plain lines, one every
-    ``every_steps`` steps and one at the last step, each with the loss and the time left."""
+    """With stderr redirected to a file (nohup, a scheduler) there is no bar to redraw: plain lines, the first step's
+    at once, then one every ``every_steps`` steps (or ``every_s`` seconds) and the last step's, each with the loss
+    and the time left; each stage's start, and its end with its time."""
     from fx.plugins.trackers.console import ConsoleTracker
 
-    run = types.SimpleNamespace(name="r", dir=tmp_path, max_steps=5, step=0)
+    run = types.SimpleNamespace(name="r", dir=tmp_path, max_steps=7, step=0)
     log = tmp_path / "fx.log"
+    # the console's clock at each reading: the stage's start, the ETA's origin, then per step
+    clock = iter([0, 0, 1, 1, 2, 3, 4, 4, 70, 70, 70, 71, 72, 72, 80])
     with log.open("w") as fh, pytest.MonkeyPatch.context() as mp:
         mp.setattr(sys, "stderr", fh)
-        console = ConsoleTracker(ConsoleTracker.Settings(every_steps=2), run)
+        mp.setattr(time, "perf_counter", lambda: next(clock))
+        console = ConsoleTracker(ConsoleTracker.Settings(every_steps=4), run)
         console.start()
         console.stage_start("train")
-        for step in range(1, 6):
+        for step in range(1, 8):  # seconds 1, 2, 3, 4, 70, 71, 72: step 5 is a minute after step 4's line
             console.log(step, {"loss": 3.0 - step / 10, "learning_rate": 1e-3})
-        console.stage_end("train", {})
+        console.stage_end("train", {"steps": 7})
     text = log.read_text()
     lines = [line for line in text.splitlines() if line.startswith("train ")]
-    assert [line.split()[1] for line in lines] == ["2/5", "4/5", "5/5"]
-    assert "loss 2.8000" in lines[0] and "lr 1.00e-03" in lines[0] and all(" ETA " in line for line in lines)
+    assert [line.split()[1] for line in lines] == ["...", "1/7", "4/7", "5/7", "7/7", "done"]
+    assert "loss 2.9000" in lines[1] and "lr 1.00e-03" in lines[1] and all(" ETA " in line for line in lines[1:-1])
+    assert "train done in 1 min 20 s: steps 7" in text
     assert "\r" not in text and "\x1b[" not in text  # no bar, no terminal codes in the file
     assert ConsoleTracker.Settings().every_steps == 10
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import gc
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,12 +80,35 @@ def load_merged(folder: Path, dtype=None):
 
 
 def adapter_dir(run_dir: Path) -> Path:
+    """The run's ``adapter/``, checked before anything loads it (UserError saying what is wrong and what to do)."""
     files = RunDir(run_dir)
     if not files.adapter.is_dir():
         summary = files.read_summary()
         status = summary.status if summary is not None else "unknown"
-        raise UserError(f"{run_dir}: the run saved no adapter (its status: {status}); train it to the end first")
+        if status == "completed":
+            raise UserError(f"{run_dir}: the run completed, but its adapter/ is gone (moved or deleted); put it back, "
+                            "or train the experiment again")
+        raise UserError(f"{run_dir}: the run saved no adapter (its status: {status}); train it to the end first: "
+                        f"fx run --resume {run_dir}")
+    problems = files.adapter_problems()
+    if problems:
+        raise UserError(f"{files.adapter}: the adapter is damaged ({'; '.join(problems[:3])}); put back an intact "
+                        "copy, or train the experiment again")
     return files.adapter
+
+
+@contextmanager
+def fitting(run_dir: Path) -> Iterator[None]:
+    """An adapter that doesn't fit the model the run's config.toml names (the file edited after training, or an
+    adapter from another run) is refused, naming both, instead of torch's size-mismatch traceback."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "size mismatch" not in str(exc):
+            raise
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), "")[:200]
+        raise UserError(f"{RunDir(run_dir).adapter} does not fit the model {RunDir(run_dir).config} names ({first}): "
+                        "was config.toml edited after training, or the adapter copied from another run?") from None
 
 
 @dataclass
@@ -100,7 +125,8 @@ class Loaded:
 
 def load_model(exp: Experiment, source, run_dir: Path):
     """The base from the model source, loaded as the run's method trains on it, with the run's adapter."""
-    return exp.built.method.load_trained(source, adapter_dir(run_dir))
+    with fitting(run_dir):
+        return exp.built.method.load_trained(source, adapter_dir(run_dir))
 
 
 def load(run_dir: Path, exp: Experiment | None = None) -> Loaded:

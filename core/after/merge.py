@@ -60,7 +60,8 @@ def merge(ctx: Context, out: Path, dtype: str = "auto", *, base: str = "trained"
     started = time.perf_counter()
     loaded = (ctx.method.merge_base(ctx.source, chosen) if base == "trained"
               else ctx.source.load(dtype=chosen, device_map=inference.device_map()))
-    model = PeftModel.from_pretrained(loaded, adapter_dir).merge_and_unload()
+    with inference.fitting(ctx.folder.path):
+        model = PeftModel.from_pretrained(loaded, adapter_dir).merge_and_unload()
     chat = ctx.template.chat_template()
     saved = ctx.source.tokenizer()  # a copy: the run's template keeps its tokenizer's own chat template
     saved.chat_template = chat  # never the tokenizer's own template when the run trained on another one
@@ -86,3 +87,9 @@ def merge(ctx: Context, out: Path, dtype: str = "auto", *, base: str = "trained"
         release()
         result["check"] = fidelity.compare(adapter, measured, result["dtype"], settings.metric)
     return result
+
+
+def record(ctx: Context, result: dict[str, Any]) -> None:
+    """The merge and its check in the run's record (``merge``: the last one)."""
+    ctx.summary.merge = result
+    ctx.record.write()

@@ -9,9 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import re
-import stat
 import sys
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -22,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from fx.config.built import Built
 from fx.config.formats import column_problems
+from fx.config.reading import MAX_DEPTH, read_toml, too_deep
 from fx.config.sections import (
     BudgetSettings,
     CheckpointSettings,
@@ -49,9 +48,7 @@ PLUGIN_SECTIONS = {
 }
 SECTIONS = ("experiment", "model", "data", "template", "method", "trackers", "stages", "checkpoints", "budget",
             "distributed")
-MAX_DEPTH = 32  # tables and arrays nested deeper are refused (fx's own keys nest at most 4 levels)
 BARE = re.compile(r"^[A-Za-z0-9_-]+$")  # a TOML key that needs no quotes
-MAX_BYTES = 1 << 24  # an experiment file is a few KiB; anything over 16 MiB is not one
 
 
 @dataclass(frozen=True)
@@ -245,18 +242,6 @@ def _stages(data: Any, problems: list[str]) -> tuple[StagesSettings | None, list
     return core, chosen
 
 
-def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
-    """Whether ``value`` nests tables or arrays more than ``limit`` levels deep (walked without recursion)."""
-    stack = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            if depth >= limit:
-                return True
-            stack += [(child, depth + 1) for child in (item.values() if isinstance(item, dict) else item)]
-    return False
-
-
 def parse_value(text: str) -> Any:
     """A ``--set`` value: TOML syntax when it parses (``10``, ``true``, ``[1, 2]``, ``"x"``), else a plain string."""
     try:
@@ -291,44 +276,6 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
             raise UserError(f"--set {shown}: {part!r} is not a table")
         node = child
     node[parts[-1]] = parse_value(value.strip())
-
-
-def _reason(exc: BaseException) -> str:
-    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-
-
-def read_toml(path: Path) -> dict[str, Any]:
-    """The TOML file at ``path``; UserError (naming the file) for anything that is not a readable, sane TOML file. A
-    FIFO or device is refused without being opened for reading, so it cannot hang fx."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such experiment file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, not an experiment file") from None
-    except (OSError, ValueError) as exc:  # a link loop, a name too long, a NUL byte, no permission
-        raise UserError(f"{path}: cannot read the experiment file: {_reason(exc)}") from None
-    with os.fdopen(fd, "rb") as fh:
-        mode = os.fstat(fd)
-        if stat.S_ISDIR(mode.st_mode):
-            raise UserError(f"{path}: is a directory, not an experiment file")
-        if not stat.S_ISREG(mode.st_mode):
-            raise UserError(f"{path}: not a regular file (a FIFO, device or socket); give a TOML file")
-        if mode.st_size > MAX_BYTES:
-            raise UserError(f"{path}: {mode.st_size} bytes is too large for an experiment file")
-        try:
-            data = fh.read(MAX_BYTES + 1)
-        except OSError as exc:
-            raise UserError(f"{path}: cannot read the experiment file: {_reason(exc)}") from None
-    try:
-        raw = tomllib.loads(data.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid TOML: {exc}") from None
-    except RecursionError:
-        raw = None
-    if raw is None or too_deep(raw):
-        raise UserError(f"{path}: tables or arrays nest deeper than {MAX_DEPTH} levels; an experiment needs a few")
-    return raw
 
 
 def _blame(problems: list[str], path: Path, overrides: dict[str, str]) -> list[str]:

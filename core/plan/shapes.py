@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from fx.errors import UserError
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -36,12 +38,16 @@ class Architecture:
     @classmethod
     def from_config(cls, config: Any) -> Architecture:
         config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        heads = config.num_attention_heads
-        return cls(hidden=config.hidden_size, intermediate=config.intermediate_size,
-                   layers=config.num_hidden_layers, heads=heads,
-                   kv_heads=getattr(config, "num_key_value_heads", None) or heads, vocab=config.vocab_size,
-                   tied=bool(getattr(config, "tie_word_embeddings", False)),
-                   model_type=str(getattr(config, "model_type", "") or ""))
+        try:
+            heads = config.num_attention_heads
+            return cls(hidden=config.hidden_size, intermediate=config.intermediate_size,
+                       layers=config.num_hidden_layers, heads=heads,
+                       kv_heads=getattr(config, "num_key_value_heads", None) or heads, vocab=config.vocab_size,
+                       tied=bool(getattr(config, "tie_word_embeddings", False)),
+                       model_type=str(getattr(config, "model_type", "") or ""))
+        except AttributeError as exc:  # an architecture whose config names its shapes otherwise (GPT-2's n_embd)
+            raise UserError(f"the memory planner can't read a {getattr(config, 'model_type', '?')!r} config: "
+                            f"{exc.args[0] if exc.args else exc}") from None
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any
 import tomli_w
 
 from fx.errors import UserError
-from fx.files import atomic_folder, drop_placeholder_card, write_atomic
+from fx.files import MANIFEST, atomic_folder, drop_placeholder_card, listing, mismatches, write_atomic
 from fx.run.record import History, RunSummary, parse_summary, read_history
 
 if sys.version_info >= (3, 11):
@@ -110,7 +110,31 @@ class RunDir:
         with atomic_folder(self.adapter, replace=True) as tmp:
             save(tmp)
             drop_placeholder_card(tmp)
+            write_atomic(tmp / MANIFEST, json.dumps({"files": listing(tmp)}, indent=1) + "\n")  # last
         return self.adapter
+
+    def adapter_problems(self) -> list[str]:
+        """What is wrong with ``adapter/``, each naming the file: against its manifest (size and SHA-256 of every
+        file); an adapter saved before manifests were written, its config and weights read far enough to tell."""
+        folder = self.adapter
+        try:
+            files = json.loads((folder / MANIFEST).read_text())["files"]
+            if not isinstance(files, dict):
+                raise ValueError("no files")
+        except FileNotFoundError:
+            config = folder / "adapter_config.json"
+            weights = sorted(folder.glob("*.safetensors"))
+            problems = [] if _json_object(config) else [f"{config.name}: missing or not a JSON object"]
+            problems += [f"{w.name}: {why}" for w in weights if (why := safetensors_problem(w))]
+            return problems + ([] if weights or list(folder.glob("*.bin")) else ["no weights (*.safetensors)"])
+        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            return [f"{MANIFEST}: unreadable ({exc})"]
+        weights = any(name.endswith((".safetensors", ".bin")) for name in files)
+        missing = [n for n in ("adapter_config.json",) if n not in files] + ([] if weights else ["weights"])
+        if missing:
+            return [f"{MANIFEST} lists no {' and no '.join(missing)}"]
+        return [f"{name}: {problem}" for name, problem in mismatches(folder, files).items()]
+
 
 
 def environment() -> dict[str, Any]:
@@ -135,6 +159,30 @@ def environment() -> dict[str, Any]:
         hardware.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
                         gpu_capability=f"{props.major}.{props.minor}", cuda_version=torch.version.cuda)
     return {"libraries": versions, "hardware": hardware}
+
+
+def _json_object(path: Path) -> bool:
+    try:
+        return isinstance(json.loads(path.read_text()), dict)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is no whole safetensors file (its header unreadable, or the file shorter than the tensors the
+    header places in it), or None; read without loading a tensor."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < length <= min(size - 8, 100 << 20):
+                return "empty or not a safetensors file" if size else "empty"
+            header = json.loads(fh.read(length))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, UnicodeDecodeError):
+        return "not a safetensors file"
+    return f"cut short ({size} bytes of {8 + length + end})" if size < 8 + length + end else None
 
 
 def peak_rss_gib() -> float:

@@ -44,6 +44,12 @@ class Stage:
         """Whether the stage runs in this experiment."""
         return bool(getattr(self.settings, "enabled", True))
 
+    def check(self, exp) -> list[str]:
+        """What would stop this stage, found before the run folder exists and anything is trained: one line each
+        (the run is refused with exit 2). Called for every stage of the list; one the experiment leaves off says
+        nothing."""
+        return []
+
     def done(self, ctx) -> bool:
         """Whether a resumed run's earlier segment completed this stage, so that it is not run again."""
         return not self.always and ctx.done(self.name)

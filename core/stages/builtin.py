@@ -11,12 +11,14 @@ import sys
 import time
 from typing import Any
 
-from fx.after import fidelity
-from fx.after.export import export, record, report
+from fx.after import fidelity, gguf_file
+from fx.after.export import export, modelfile, report
+from fx.after.export import record as record_export
 from fx.after.inference import trained_measure
 from fx.after.merge import merge
+from fx.after.merge import record as record_merge
 from fx.data.tokenize import prompt_of
-from fx.errors import Interrupted
+from fx.errors import Interrupted, UserError
 from fx.evaluation import generate
 from fx.files import write_atomic
 from fx.run.directory import peak_rss_gib
@@ -235,7 +237,7 @@ class Merge(Own):
         trained_measure(ctx)  # on the trained model in memory, which then leaves it for the 16-bit base
         ctx.model = None
         result = merge(ctx, ctx.folder.merged, settings.dtype, base=settings.base)
-        ctx.summary.merge = result
+        record_merge(ctx, result)
         fidelity.report(result, sys.stderr)
         return result
 
@@ -251,12 +253,25 @@ class Export(Own):
     def enabled(self, ctx) -> bool:
         return ctx.exp.stages.export.enabled
 
+    def check(self, exp) -> list[str]:
+        """The exporter's refusals that don't need a trained model: the architecture, and for Ollama the template."""
+        settings = exp.stages.export
+        if not settings.enabled:
+            return []
+        try:
+            gguf_file.check_architecture(exp.built.source.config().to_dict())
+            if settings.format == "ollama":
+                modelfile(exp.built.template, settings.quant, exp.experiment.name)
+        except UserError as exc:
+            return [f"stages.export: {exc}"]
+        return []
+
     def run(self, ctx) -> dict[str, Any]:
         settings = ctx.exp.stages.export
         trained_measure(ctx)
         ctx.model = None
         result = export(ctx, settings.format, settings.quant)
-        record(ctx, result)
+        record_export(ctx, result)
         if result["check"]["passed"] is False:
             print(f"fx: {report(result)}", file=sys.stderr)
         return result

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fx.errors import Interrupted, PluginError
+from fx.errors import Interrupted, PluginError, UserError
 from fx.run.record import StageEntry
 from fx.stages.base import Stage
 from fx.stages.builtin import BUILTIN
@@ -49,6 +49,13 @@ def declared(exp) -> list[Stage]:
                               f"{', '.join(s.name for s in stages)})")
         pending = [c for c in pending if c not in placed]
     return stages
+
+
+def preflight(exp, stages: list[Stage]) -> None:
+    """Every stage's own check (:meth:`Stage.check`), before the run folder exists: UserError with every problem."""
+    problems = [problem for stage in stages for problem in stage.check(exp)]
+    if problems:
+        raise UserError("\n".join(f"{exp.path}: {p}" for p in problems))
 
 
 def _run(stage: Stage, context) -> dict[str, Any]:

@@ -9,7 +9,6 @@ checkpoint is never deleted.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -17,25 +16,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fx.files import write_atomic
+from fx.files import MANIFEST, listing, mismatches, write_atomic
 from fx.training.distributed import barrier, current
 
-MANIFEST = "fx-manifest.json"
 NAME = re.compile(r"^checkpoint-(\d+)$")  # the trainer's folders; set-aside ones (checkpoint-9.rejected) don't match
 OPTIMIZER = "optimizer.pt"  # the optimizer's state, which --reset-optimizer does without
 SCHEDULER = "scheduler.pt"
+TRAINER_STATE = "trainer_state.json"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink() and p.name != MANIFEST)
+def needs(files: dict[str, Any]) -> list[str]:
+    """What a checkpoint needs that its manifest doesn't list: the trainer's state and the model's weights (an
+    adapter's safetensors, or FSDP's shards)."""
+    weights = any(n.endswith((".safetensors", ".bin")) or n.startswith("pytorch_model_fsdp") for n in files)
+    return [n for n in (TRAINER_STATE,) if n not in files] + ([] if weights else ["the model's weights"])
 
 
 def write_manifest(folder: Path, step: int, config: dict[str, Any] | None, world: dict[str, Any] | None = None,
@@ -43,8 +37,8 @@ def write_manifest(folder: Path, step: int, config: dict[str, Any] | None, world
     """Record every file of the checkpoint in ``folder`` (size and SHA-256), the world that wrote it
     (``{"world_size", "strategy"}``) and the experiment it was trained with; written last and atomically, by rank 0
     once every rank has written its part, so a checkpoint with a manifest is one every rank finished."""
-    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(folder)}
-    manifest = {"step": step, "files": files, "world": world, "config": config, "optimizer_reset": optimizer_reset}
+    manifest = {"step": step, "files": listing(folder), "world": world, "config": config,
+                "optimizer_reset": optimizer_reset}
     write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
@@ -80,22 +74,13 @@ def inspect(path: Path, hashes: bool = True) -> Checkpoint:
         return Checkpoint(path, step, [f"no {MANIFEST}: the save did not finish (or another tool wrote it)"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return Checkpoint(path, step, [f"{MANIFEST} is unreadable ({exc})"])
+    missing = needs(files)
+    if missing:
+        return Checkpoint(path, step, [f"{MANIFEST} lists no {' and no '.join(missing)}: it describes no checkpoint "
+                                       "that can be resumed"])
     problems, optimizer = [], []
-    for name, want in files.items():
-        file = path / name
-        try:
-            size = file.stat().st_size if file.is_file() else None
-            if size is None:
-                problem = f"{name}: missing"
-            elif size != want.get("size"):
-                problem = f"{name}: {size} bytes, {want.get('size')} written"
-            elif hashes and _sha256(file) != want.get("sha256"):
-                problem = f"{name}: its contents changed after it was written"
-            else:
-                continue
-        except (OSError, AttributeError) as exc:
-            problem = f"{name}: unreadable ({exc})"
-        (optimizer if name == OPTIMIZER else problems).append(problem)
+    for name, problem in mismatches(path, files, hashes).items():
+        (optimizer if name == OPTIMIZER else problems).append(f"{name}: {problem}")
     world = manifest.get("world") if isinstance(manifest.get("world"), dict) else None
     return Checkpoint(path, step, problems + optimizer, manifest.get("config"), world,
                       bool(manifest.get("optimizer_reset")), optimizer_only=bool(optimizer) and not problems)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from fx.settings import Settings
 
@@ -50,6 +50,13 @@ class QLoraSettings(Settings):
     compute_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     epochs: float = Field(1.0, gt=0, le=10_000)
     max_steps: int = Field(-1, ge=-1, le=10**9)
+
+    @field_validator("max_steps")
+    @classmethod
+    def _trains_something(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("0 steps train nothing: give a number of steps, or -1 to train for `epochs`")
+        return value
     micro_batch_size: int = Field(4, ge=1, le=65536)
     gradient_accumulation_steps: int = Field(1, ge=1, le=65536)
     learning_rate: float = Field(2e-4, gt=0, le=1)

@@ -7,6 +7,7 @@ anywhere else).
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -70,8 +71,9 @@ class FileDataset(DatasetSource):
         logger.setLevel(logging.CRITICAL + 1)
         try:
             with tempfile.TemporaryDirectory(dir=_scratch(), prefix="datasets-") as scratch:
-                return datasets.load_dataset(LOADERS[path.suffix.lower()], data_files=str(path), split="train",
+                rows = datasets.load_dataset(LOADERS[path.suffix.lower()], data_files=str(path), split="train",
                                              cache_dir=scratch, keep_in_memory=True)
+            return _exact_expect(rows, path)
         except Exception as exc:  # datasets raises many types for unreadable files: each names the file here
             first = (str(exc).splitlines() or [""])[0][:300]
             raise UserError(f"{key}: cannot read {path}: {type(exc).__name__}: {first}") from None
@@ -102,6 +104,22 @@ def _refuse_non_object_lines(key: str, path: Path) -> None:
                                     "one row, {...})")
     except OSError as exc:
         raise UserError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _exact_expect(rows, path: Path):
+    """An ``expect`` column that mixes strings and lists is kept by datasets' JSON reader as JSON text and decoded
+    back loosely ("84" comes back as 84, "true" as True): such a column is read again from the file exactly, each
+    plain string as a one-string list."""
+    feature = rows.features.get("expect") if LOADERS[path.suffix.lower()] == "json" else None
+    if feature is None or type(feature).__name__ != "Json":
+        return rows
+    text = path.read_text(encoding="utf-8", errors="replace")
+    raw = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines()
+                                                                     if line.strip()]
+    values = [[v] if isinstance(v, str) else v for v in (row.get("expect") for row in raw)]
+    if len(values) != len(rows) or not all(v is None or isinstance(v, list) for v in values):
+        return rows  # other kinds of values: each row's check says what is wrong with its own
+    return rows.remove_columns("expect").add_column("expect", values)
 
 
 def _absolute(path: Path) -> Path:

@@ -1,6 +1,8 @@
-"""Tracker ``console``: a rich progress bar (step/total, loss, learning rate, tokens/s, peak VRAM on a GPU, ETA)
-and a closing table. When stderr is not a terminal (redirected to a log file, under nohup or a scheduler) there is no
-bar to redraw: a plain line every ``every_steps`` steps and at the last one instead."""
+"""Tracker ``console``: a line as each stage starts and as it ends (with its time and what it measured), a rich
+progress bar while training (step/total, loss, learning rate, tokens/s, peak VRAM on a GPU, ETA) and a closing table.
+When stderr is not a terminal (redirected to a log file, under nohup or a scheduler) there is no bar to redraw: plain
+lines instead, the first step's at once, then one every ``every_steps`` steps or ``every_s`` seconds, whichever
+comes first, and the last step's."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ class ConsoleTracker(Tracker):
 
     class Settings(fx.Settings):
         every_steps: int = Field(10, ge=1, le=10**9)  # with stderr redirected: a progress line every this many steps
+        every_s: float = Field(60.0, gt=0, le=86400)  # ... and at least this often (seconds)
 
     def start(self) -> None:
         from rich.console import Console
@@ -24,11 +27,15 @@ class ConsoleTracker(Tracker):
         self.console = Console(stderr=True)
         self.progress = None
         self.lines = not self.console.is_terminal
+        self.began: dict[str, float] = {}
+        self.printed: float | None = None  # when the last progress line was printed (lines mode)
         self.console.print(f"[bold]fx[/bold] run [cyan]{self.run.name}[/cyan] -> {self.run.dir}")
 
     def stage_start(self, stage) -> None:
+        self.began[stage] = time.perf_counter()
         if stage == "train" and self.lines:
             self.clock = (time.perf_counter(), self.run.step)
+            self.console.print("train ...", highlight=False, markup=False)
         elif stage == "train":
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -55,9 +62,16 @@ class ConsoleTracker(Tracker):
             info += f"  peak VRAM {metrics['peak_vram_gib']:.2f} GiB"
         if self.progress is not None:
             self.progress.update(self.task, completed=step, total=self.run.max_steps, info=info)
-        elif step % self.settings.every_steps == 0 or step == self.run.max_steps:
+        elif self.due(step):
+            self.printed = time.perf_counter()
             self.console.print(f"train {step}/{self.run.max_steps}  {info}{self.eta(step)}", highlight=False,
                                markup=False, soft_wrap=True)
+
+    def due(self, step: int) -> bool:
+        """Whether a progress line is due: the first step's, every ``every_steps`` steps, ``every_s`` seconds after
+        the last line, and the last step's."""
+        return (self.printed is None or step % self.settings.every_steps == 0 or step == self.run.max_steps
+                or time.perf_counter() - self.printed >= self.settings.every_s)
 
     def eta(self, step: int) -> str:
         """The time left at this process's pace so far (a resumed run counts from its checkpoint)."""
@@ -72,10 +86,12 @@ class ConsoleTracker(Tracker):
         if stage == "train" and self.progress is not None:
             self.progress.stop()
             self.progress = None
+        began = self.began.pop(stage, None)
+        took = time.perf_counter() - began if began is not None else 0.0
         shown = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not k.endswith(("_hits", "_total"))}
-        if shown:
-            self.console.print(f"{stage}: " + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
-                                                        for k, v in shown.items()))
+        measured = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
+        self.console.print(f"{stage} done in {_duration(took)}" + (f": {measured}" if measured else ""),
+                           highlight=False, markup=False, soft_wrap=True)
 
     def finish(self, summary, error) -> None:
         from rich.table import Table
@@ -93,6 +109,14 @@ class ConsoleTracker(Tracker):
             if summary.get(key) is not None:
                 table.add_row(key, "", _fmt(summary[key]))
         self.console.print(table)
+
+
+def _duration(seconds: float) -> str:
+    """``4.2 s``, ``3 min 05 s``, ``1 h 02 min``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes = int(seconds // 60)
+    return f"{minutes} min {int(seconds % 60):02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def _fmt(value) -> str:
