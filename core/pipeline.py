@@ -34,7 +34,7 @@ from fx.run.run import Run
 from fx.run.tracking import TrackerHub
 from fx.stages.builtin import resume_command
 from fx.stages.order import declared, preflight, walk
-from fx.training import budget, distributed
+from fx.training import budget, contract, distributed
 from fx.training.checkpoints import last_checkpoint, ranks_of
 
 
@@ -113,6 +113,7 @@ def execute(exp: Experiment, plugins, resume: Path | None = None) -> Path:
     prep = prepare(exp)
     stages = declared(exp)  # a plugin's stage placed nowhere is refused before the folder exists
     preflight(exp, stages)  # and so is what would stop a stage after training (an export it can't write)
+    contract.simulated_oom_step()  # a rehearsal variable that names no step, likewise
     world = distributed.current()  # on several GPUs, rank 0 alone writes the folder and talks to plugins
     if resume is None:
         made = RunDir.create(Path(exp.experiment.output_dir), exp.experiment.name).path if world.main else None

@@ -9,6 +9,7 @@ out-of-memory report (fx.training.oom).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -38,14 +39,36 @@ class Progress:
     tokens_at_start: int = 0  # tokens the trainer had counted when this process started training
 
 
+SIMULATE_OOM = "FX_SIMULATE_OOM_AT_STEP"  # rehearse the out-of-memory path: CUDA's error as that step begins
+
+
+def simulated_oom_step() -> int | None:
+    """The step ``FX_SIMULATE_OOM_AT_STEP`` names (None: unset); UserError for a value that names no step."""
+    value = os.environ.get(SIMULATE_OOM, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise UserError(f"{SIMULATE_OOM}={value!r}: give the optimizer step (1 or more) whose start should run out "
+                        "of memory, or unset it")
+    return int(value)
+
+
 def contract_callback(progress: Progress, log: Log):
     from transformers import TrainerCallback
+
+    simulate = simulated_oom_step()
 
     class RunContract(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             progress.max_steps, progress.step = state.max_steps, state.global_step
             progress.tokens_at_start = state.num_input_tokens_seen
             self.last = (time.perf_counter(), state.num_input_tokens_seen)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if simulate is not None and state.global_step + 1 == simulate:
+                import torch
+
+                raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: {SIMULATE_OOM}={simulate})")
 
         def on_step_end(self, args, state, control, **kwargs):
             progress.step = state.global_step
