@@ -72,11 +72,11 @@ def cmd_plugins(args) -> int:
         if not console.is_terminal:  # piped or redirected: whole names, not cells cut to 80 columns
             console = Console(width=max(console.width, 240))
         table = Table(title="fx plugins")
-        for column in ("plugin", "version", "registers", "hooks"):
-            table.add_column(column, no_wrap=column != "hooks", overflow="fold")
+        for column in ("plugin", "version", "registers", "hooks", "import"):
+            table.add_column(column, no_wrap=column not in ("hooks", "import"), overflow="fold")
         for info in infos:
             table.add_row(info.name, info.version, "broken" if info.broken else "\n".join(info.registers),
-                          "\n".join(info.hooks))
+                          "\n".join(info.hooks), info.cost())
         console.print(table)
     broken = [info.broken for info in infos if info.broken]
     if broken:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import gc
 import json
+import re
+import subprocess
+import sys
 import weakref
 from pathlib import Path
 
@@ -276,6 +279,34 @@ def assert_stopped_run_resumes_to_the_uninterrupted_adapter(path: Path, tmp_path
     a = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def guide_files(start: str, end: str, names: tuple[str, ...]) -> dict[str, str]:
+    """The files of a complete example package as docs/plugins.md prints them, between the headings ``start`` and
+    ``end``."""
+    guide = (ROOT / "docs" / "plugins.md").read_text()
+    section = guide[guide.index(start):guide.index(end)]
+    return {name: re.search(rf"`{re.escape(name)}`:\n\n```\w+\n(.*?)```", section, re.S).group(1) for name in names}
+
+
+def install_package(files: dict[str, str], root: Path) -> Path:
+    """Build and install a package from its files into a folder of its own (as ``pip install`` would); the folder
+    to put on the path."""
+    src, target = root / "src", root / "site"
+    src.mkdir(parents=True)
+    for name, text in files.items():
+        (src / name).write_text(text)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(src)], check=True, capture_output=True)
+    return target
+
+
+# the guide's complete example packages: (first heading, the heading after, the package's files)
+GUIDE_METHOD = ("## Writing a method", "### A complete example: a preference method", ("pyproject.toml",
+                                                                                       "fx_anchored.py"))
+GUIDE_PREFERENCE = ("### A complete example: a preference method", "## Writing a template", ("pyproject.toml",
+                                                                                              "fx_slic.py"))
+GUIDE_STAGE = ("## Writing a stage", "## Rules the host enforces", ("pyproject.toml", "fx_startswith.py"))
 
 
 def has_cuda() -> bool:

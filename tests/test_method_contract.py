@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY_EXPERIMENT, TINY_ROWS
+from conftest import GUIDE_METHOD, TINY_EXPERIMENT, TINY_ROWS, guide_files, install_package
 from fx import cli
 from fx.hooks import manager
 
@@ -29,25 +29,10 @@ EXPERIMENT = (TINY_EXPERIMENT.replace('name = "qlora_sft"', 'name = "anchored_sf
 QUIET = ["--set", "stages.generate.enabled=false", "--set", "stages.evaluate.enabled=false"]
 
 
-def guide_package() -> dict[str, str]:
-    """The package's files as docs/plugins.md prints them."""
-    guide = (ROOT / "docs" / "plugins.md").read_text()
-    section = guide[guide.index("## Writing a method"):guide.index("## Writing a template")]
-    return {name: re.search(rf"`{re.escape(name)}`:\n\n```\w+\n(.*?)```", section, re.S).group(1)
-            for name in ("pyproject.toml", "fx_anchored.py")}
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """The guide's package, built and installed into a folder of its own."""
-    root = tmp_path_factory.mktemp("fx-anchored")
-    src, target = root / "src", root / "site"
-    src.mkdir()
-    for name, text in guide_package().items():
-        (src / name).write_text(text)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(src)], check=True, capture_output=True)
-    return target
+    return install_package(guide_files(*GUIDE_METHOD), tmp_path_factory.mktemp("fx-anchored"))
 
 
 @pytest.fixture

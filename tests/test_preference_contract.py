@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 
 from conftest import (
+    GUIDE_PREFERENCE,
     PREF_ROWS,
-    ROOT,
     TINY_EXPERIMENT,
     TINY_ROWS,
     assert_stopped_run_resumes_to_the_uninterrupted_adapter,
+    guide_files,
+    install_package,
 )
 from fx import cli
 from fx.hooks import manager
@@ -29,23 +29,9 @@ EXPERIMENT = (TINY_EXPERIMENT.replace('name = "qlora_sft"', 'name = "slic"\ndelt
               .replace("max_steps = 12", "max_steps = 8"))
 
 
-def guide_package() -> dict[str, str]:
-    guide = (ROOT / "docs" / "plugins.md").read_text()
-    section = guide[guide.index("### A complete example: a preference method"):guide.index("## Writing a template")]
-    return {name: re.search(rf"`{re.escape(name)}`:\n\n```\w+\n(.*?)```", section, re.S).group(1)
-            for name in ("pyproject.toml", "fx_slic.py")}
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fx-slic")
-    src, target = root / "src", root / "site"
-    src.mkdir()
-    for name, text in guide_package().items():
-        (src / name).write_text(text)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(src)], check=True, capture_output=True)
-    return target
+    return install_package(guide_files(*GUIDE_PREFERENCE), tmp_path_factory.mktemp("fx-slic"))
 
 
 @pytest.fixture

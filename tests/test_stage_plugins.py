@@ -15,7 +15,7 @@ import sys
 import pytest
 
 import fx
-from conftest import ROOT, TINY_EXPERIMENT, TINY_ROWS
+from conftest import GUIDE_STAGE, ROOT, TINY_EXPERIMENT, TINY_ROWS, guide_files, install_package
 from fx import cli, config
 from fx.errors import PluginError
 from fx.hooks import manager
@@ -30,24 +30,10 @@ STAGE = "\n[stages.starts_with]\nenabled = true\nmax_examples = 4\n"
 QUIET = ["--set", "stages.generate.enabled=false", "--set", "method.max_steps=4"]
 
 
-def guide_package() -> dict[str, str]:
-    """The package's files as docs/plugins.md prints them."""
-    section = GUIDE[GUIDE.index("## Writing a stage"):GUIDE.index("## Rules the host enforces")]
-    return {name: re.search(rf"`{re.escape(name)}`:\n\n```\w+\n(.*?)```", section, re.S).group(1)
-            for name in ("pyproject.toml", "fx_startswith.py")}
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """The guide's package, built and installed into a folder of its own."""
-    root = tmp_path_factory.mktemp("fx-startswith")
-    src, target = root / "src", root / "site"
-    src.mkdir()
-    for name, text in guide_package().items():
-        (src / name).write_text(text)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(src)], check=True, capture_output=True)
-    return target
+    return install_package(guide_files(*GUIDE_STAGE), tmp_path_factory.mktemp("fx-startswith"))
 
 
 @pytest.fixture
@@ -109,7 +95,7 @@ def test_the_guide_stage_result_reaches_every_tracker(staged):
     (found,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     assert [(m.step, m.value) for m in client.get_metric_history(found.info.run_id, "starts_with_share")] == [
         (4, pytest.approx(share))]
-    assert f"starts_with: share {share:g}" in console
+    assert re.search(rf"starts_with done in [\d.]+ s: share {share:g}, scored 4", console)
     history = [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines()]
     assert any(r.get("starts_with_share") == share for r in history)  # core's record, whatever the trackers
 

@@ -12,6 +12,8 @@ import importlib
 import inspect
 import os
 import re
+import sys
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import metadata
@@ -68,6 +70,11 @@ class Entry:
     plugin: str
 
 
+# libraries a plugin should import inside the functions that use them: each costs seconds at every fx start
+HEAVY = ("torch", "transformers", "datasets", "trl", "peft", "bitsandbytes", "accelerate")
+SLOW_IMPORT_S = 0.5
+
+
 @dataclass
 class PluginInfo:
     name: str
@@ -75,6 +82,35 @@ class PluginInfo:
     hooks: list[str] = field(default_factory=list)
     registers: list[str] = field(default_factory=list)
     broken: str = ""  # why the plugin is not loaded, and how to skip it
+    import_s: float | None = None  # how long importing it took (None: not imported by this process's build)
+    heavy: list[str] = field(default_factory=list)  # HEAVY libraries its import brought in
+
+    def cost(self) -> str:
+        """What importing the plugin costs every fx command, and what to do when that is a lot."""
+        if self.import_s is None:
+            return ""
+        said = f"{self.import_s:.2f} s"
+        if self.heavy:
+            return (f"{said}, imports {', '.join(self.heavy)} at start-up: import them inside the functions that "
+                    "use them (docs/plugins.md)")
+        return said + (" (slow)" if self.import_s > SLOW_IMPORT_S else "")
+
+
+class Imports:
+    """How long each plugin's import took and which heavy libraries it brought in (fx plugins shows it)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.heavy: dict[str, list[str]] = {}
+
+    def timed(self, name: str, load) -> None:
+        before = {m for m in HEAVY if m in sys.modules}
+        started = time.perf_counter()
+        try:
+            load()
+        finally:
+            self.seconds[name] = round(time.perf_counter() - started, 3)
+            self.heavy[name] = [m for m in HEAVY if m in sys.modules and m not in before]
 
 
 class Registry:
@@ -116,8 +152,9 @@ class Plugins:
     be loaded (kept only when built with ``keep_broken``; otherwise the first one raises PluginError)."""
 
     def __init__(self, pm: pluggy.PluginManager, versions: dict[str, str], broken: dict[str, str] | None = None,
-                 keep_broken: bool = False):
+                 keep_broken: bool = False, imports: Imports | None = None):
         self.pm = pm
+        self.imports = imports or Imports()
         self.hook = pm.hook
         self.versions = versions
         self.broken = dict(broken or {})
@@ -152,7 +189,8 @@ class Plugins:
             registers = [f"{kind[:-1]}:{e.name}" for kind, reg in self.registries.items()
                          for e in reg.entries.values() if e.plugin == name]
             infos.append(PluginInfo(name, self.versions.get(name, ""), hooks, sorted(registers),
-                                    self.broken.get(name, "")))
+                                    self.broken.get(name, ""), self.imports.seconds.get(name),
+                                    self.imports.heavy.get(name, [])))
         listed = {info.name for info in infos}
         infos += [PluginInfo(name, self.versions.get(name, ""), broken=why) for name, why in self.broken.items()
                   if name not in listed]
@@ -230,14 +268,15 @@ def build(keep_broken: bool = False) -> Plugins:
         if pm.has_plugin(name):
             pm.unregister(name=name)
 
+    imports = Imports()
     for module in DEFAULT_PLUGINS:
         if not pm.is_blocked(module):
-            pm.register(importlib.import_module(module), name=module)
+            imports.timed(module, lambda m=module: pm.register(importlib.import_module(m), name=m))
             versions[module] = __version__
     # pluggy loads the entry points; one name at a time, so that an error can name the plugin that caused it
     for name in sorted({ep.name for ep in metadata.entry_points(group="fx")}):
         try:
-            pm.load_setuptools_entrypoints("fx", name=name)
+            imports.timed(name, lambda n=name: pm.load_setuptools_entrypoints("fx", name=n))
         except pluggy.PluginValidationError as exc:
             fail(name, f"plugin {name!r}: {exc}", exc)
         except Exception as exc:
@@ -246,7 +285,7 @@ def build(keep_broken: bool = False) -> Plugins:
         versions[pm.get_name(plugin)] = dist.version
     for name, message in _unknown_hooks(pm).items():
         fail(name, message)
-    return Plugins(pm, versions, broken, keep_broken)
+    return Plugins(pm, versions, broken, keep_broken, imports)
 
 
 @lru_cache(maxsize=1)
