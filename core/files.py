@@ -14,19 +14,34 @@ from typing import Any
 MANIFEST = "fx-manifest.json"  # a folder's own list of its files, with sizes and SHA-256, written last
 
 
+@contextmanager
+def naming(target: Path) -> Iterator[None]:
+    """An OSError about a temporary path beside ``target`` (``.<name>.<random>...``, a scratch folder ``.fx-...``)
+    is reported as about ``target``, the path the user gave or knows, not a name fx made up."""
+    try:
+        yield
+    except OSError as exc:
+        name = Path(str(exc.filename)).name if exc.filename else ""
+        if not (exc.filename and Path(str(exc.filename)).parent == Path(target).parent and name.startswith(".")
+                and name != Path(target).name):
+            raise
+        raise OSError(exc.errno, exc.strerror, str(target)) from None
+
+
 def write_atomic(path: Path, content: str | bytes) -> None:
     """Write ``content`` to a new temporary file beside ``path`` (created exclusively, so a planted link is never
     followed), then rename it over ``path``."""
     path = Path(path)
     data = content.encode() if isinstance(content, str) else content
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with naming(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 @contextmanager
@@ -38,7 +53,8 @@ def atomic_folder(target: Path, replace: bool = False) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
+    with naming(target):
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
     try:
         yield tmp
         if replace and target.exists():
@@ -60,7 +76,8 @@ def atomic_file(path: Path) -> Iterator[Path]:
     on success it is renamed over ``path``, on failure removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    with naming(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)

@@ -35,7 +35,7 @@ from fx.run.tracking import TrackerHub
 from fx.stages.builtin import resume_command
 from fx.stages.order import declared, preflight, walk
 from fx.training import budget, contract, distributed
-from fx.training.checkpoints import last_checkpoint, ranks_of
+from fx.training.checkpoints import OPTIMIZER, last_checkpoint, ranks_of
 
 
 def interrupted_at(run: Run, signum: int = signal.SIGINT) -> str:
@@ -126,6 +126,10 @@ def execute(exp: Experiment, plugins, resume: Path | None = None) -> Path:
     found = last_checkpoint(folder.checkpoints) if resume is not None else None
     if found:
         resumable(found[0], world)
+        if world.main:
+            fresh = not (found[0] / OPTIMIZER).exists()
+            print(f"fx: resuming from {found[0].name} (step {found[1]})"
+                  + (", with a fresh optimizer state (--reset-optimizer)" if fresh else ""), file=sys.stderr)
     run = Run(folder, exp.resolved(), plugins, resume_step=found[1] if found else None, main=world.main,
               resuming=resume is not None)
     record = Record(folder if world.main else None, _summary(exp, prep, run, previous, world), started_at=started,
@@ -197,6 +201,12 @@ def _finish(run: Run, record: Record, hub: TrackerHub, plugins, error: BaseExcep
     plugins.pm.unregister(hub)
 
 
+def device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def resumable(checkpoint: Path, world: distributed.World) -> None:
     """Refuse a checkpoint this world can't load: FSDP's sharded checkpoints load under FSDP on as many ranks, and
     one process's or DDP's checkpoints anywhere but under FSDP."""
@@ -206,5 +216,7 @@ def resumable(checkpoint: Path, world: distributed.World) -> None:
         return
     how = f"--gpus {size} --set distributed.strategy={strategy}" if strategy == "fsdp" else (
         f"--gpus {size}" if size > 1 else "in one process")
+    if strategy == "fsdp" and world.size == 1 and (gpus := device_count()) < size:  # advice this machine can't take
+        how += f" on a machine with {size} CUDA GPUs (this one has {gpus or 'none'})"
     raise UserError(f"{checkpoint} was written by {size} rank(s) under {strategy or 'one process'}, which this run "
                     f"({world.size} rank(s), {world.strategy or 'one process'}) can't load; resume with {how}")

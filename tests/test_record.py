@@ -184,3 +184,27 @@ def test_one_run_prepares_its_data_once_and_builds_each_plugin_once_and_exports_
     assert summary.exports[1]["check"]["passed"] and summary.exports[1]["check"]["adapter"]["loss"] == adapter["loss"]
     assert summary.merge["path"] == str(tmp_path / "merged-again") and summary.merge["check"]["within_tolerance"]
     assert summary.adapter_heldout == adapter and RunSummary.model_validate(summary.to_dict()) == summary
+
+
+def test_a_refused_resume_says_nothing_of_resuming(stopped, tmp_path, capsys):
+    """A resume refused after its checkpoint was chosen (the data has gone) prints the refusal alone: no "resuming
+    from" line before it, which would say the run went on."""
+    (tmp_path / "rows.jsonl").rename(tmp_path / "elsewhere.jsonl")
+    assert cli.main(["run", "--resume", str(stopped)]) == 2
+    err = capsys.readouterr().err
+    assert "rows.jsonl" in err and "resuming" not in err
+
+
+def test_advice_to_resume_on_several_gpus_says_it_needs_them(tmp_path, monkeypatch):
+    """A checkpoint FSDP wrote on 2 ranks, resumed in one process on a machine without GPUs: the refusal says the
+    resume needs a machine with 2 GPUs, instead of suggesting a command this machine can't run."""
+    from fx.training import checkpoints
+    from fx.training.distributed import World
+
+    folder = tmp_path / "checkpoint-4"
+    folder.mkdir()
+    checkpoints.write_manifest(folder, 4, None, {"world_size": 2, "strategy": "fsdp"})
+    monkeypatch.setattr(pipeline, "device_count", lambda: 0)
+    with pytest.raises(UserError, match="resume with --gpus 2 --set distributed.strategy=fsdp on a machine with 2 "
+                                        "CUDA GPUs \\(this one has none\\)"):
+        pipeline.resumable(folder, World(1, 0, 0, None))

@@ -171,3 +171,10 @@ def test_a_third_party_stage_check_refuses_before_the_run_folder(register_plugin
     with pytest.raises(fx.UserError, match="stages.needs_gpu: this stage needs a CUDA GPU"):
         pipeline.execute(config.load(path), plugins)
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_out_that_cannot_be_written_is_named_as_given(copy, capsys):
+    """An --out where nothing can be made: the message names the path given, not a temporary name fx made up."""
+    assert cli.main(["export", str(copy), "--quant", "f32", "--out", "/proc/model.gguf"]) == 2
+    err = capsys.readouterr().err
+    assert "fx: error: /proc/model.gguf: No such file or directory" in err and ".fx-export-" not in err

@@ -15,7 +15,7 @@ from typing import Any
 from fx.after import export_check, gguf_file, inference
 from fx.after.merge import merge
 from fx.errors import UserError
-from fx.files import atomic_folder, write_atomic
+from fx.files import atomic_folder, naming, write_atomic
 from fx.run.context import Context
 from fx.run.directory import RunDir
 
@@ -82,10 +82,10 @@ def export(ctx: Context, fmt: str, quant: str, out: Path | None = None) -> dict[
         raise UserError(f"{out} already exists; remove it or choose another --out")
     if fmt == "gguf" and out.suffix != ".gguf":
         raise UserError(f"--out {out}: a GGUF file's name ends in .gguf")
-    inference.trained_measure(ctx)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".fx-export-") as work:
+    with naming(out), tempfile.TemporaryDirectory(dir=out.parent, prefix=".fx-export-") as work:
+        inference.trained_measure(ctx)  # before the merge: the trained model in memory, if any, is measured and freed
         merged, merge_result = _merged(ctx, Path(work))
         if fmt == "gguf":
             written = gguf_file.write(merged, out, quant, run_dir.resolve().name, chat_template)

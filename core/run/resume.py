@@ -87,9 +87,6 @@ def load_run(folder: Path, overrides: list[str] = (), reset_optimizer: bool = Fa
         aside = checkpoints.set_aside(rejected)
         print(f"fx: {rejected.path.name} does not verify ({'; '.join(rejected.problems[:3])}); set aside as "
               f"{aside}", file=sys.stderr)
-    if chosen is not None:
-        if reset_optimizer:
-            checkpoints.reset_optimizer(chosen)
-        print(f"fx: resuming from {chosen.path.name} (step {chosen.step})"
-              + (", with a fresh optimizer state (--reset-optimizer)" if reset_optimizer else ""), file=sys.stderr)
-    return exp
+    if chosen is not None and reset_optimizer:
+        checkpoints.reset_optimizer(chosen)
+    return exp  # "resuming from" is said by the run, once everything it checks has passed (fx.pipeline)
