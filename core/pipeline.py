@@ -36,6 +36,7 @@ from fx.stages.builtin import resume_command
 from fx.stages.order import declared, preflight, walk
 from fx.training import budget, contract, distributed
 from fx.training.checkpoints import OPTIMIZER, last_checkpoint, ranks_of
+from fx.training.devices import choose_threads
 
 
 def interrupted_at(run: Run, signum: int = signal.SIGINT) -> str:
@@ -122,6 +123,8 @@ def execute(exp: Experiment, plugins, resume: Path | None = None) -> Path:
         folder = RunDir(resume)
     if world.main:
         launch.note_run(folder.path)
+        if world.size == 1 and (note := choose_threads()):
+            print(f"fx: {note}", file=sys.stderr)
     previous = folder.read_summary() if resume is not None else None
     found = last_checkpoint(folder.checkpoints) if resume is not None else None
     if found:

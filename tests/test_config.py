@@ -103,3 +103,31 @@ def test_a_toml_file_that_is_not_utf8_is_refused_naming_its_line(write_experimen
     with pytest.raises(UserError, match=f"not valid TOML: line {line}, column 19: not UTF-8 \\(byte 0xe9\\); save "
                                         "the file as UTF-8"):
         config.load(path)
+
+
+def test_cpu_threads_leave_the_cores_other_work_keeps_busy(monkeypatch):
+    """On a 2-core machine with one core busy elsewhere torch gets one thread (two spin against each other); an
+    idle machine keeps one per core, and OMP_NUM_THREADS set by the user is left alone."""
+    import os
+
+    import psutil
+    import torch
+
+    from fx.training.devices import choose_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(psutil, "cpu_percent", lambda interval: 55.0)
+        assert choose_threads() == "1 CPU thread: 1.1 of 2 cores are busy with other work (OMP_NUM_THREADS=N chooses)"
+        assert torch.get_num_threads() == 1
+        monkeypatch.setattr(psutil, "cpu_percent", lambda interval: 3.0)
+        assert choose_threads() is None and torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        monkeypatch.setattr(psutil, "cpu_percent", lambda interval: 0.0)
+        assert choose_threads() is None and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -208,3 +208,18 @@ def test_advice_to_resume_on_several_gpus_says_it_needs_them(tmp_path, monkeypat
     with pytest.raises(UserError, match="resume with --gpus 2 --set distributed.strategy=fsdp on a machine with 2 "
                                         "CUDA GPUs \\(this one has none\\)"):
         pipeline.resumable(folder, World(1, 0, 0, None))
+
+
+def test_fx_runs_fits_the_terminal_and_says_what_it_left_out(stopped, monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "80")
+    assert cli.main(["runs", str(stopped.parent)]) == 0
+    out = capsys.readouterr().out
+    assert all(len(line) <= 80 for line in out.splitlines()), out
+    assert stopped.name in out and "interrupted" in out
+    note = re.search(r"(\d+) column\(s\) left out to fit 80 columns: ([a-zA-Z/ ,]+); a terminal (\d+) wide "
+                     r"\(or COLUMNS=\3 fx runs \.\.\.\) shows them all", " ".join(out.split()))  # wrapped to 80
+    assert note and "created" in note.group(2)
+    monkeypatch.setenv("COLUMNS", note.group(3))
+    assert cli.main(["runs", str(stopped.parent)]) == 0
+    wide = capsys.readouterr().out
+    assert "left out" not in wide and "created" in wide and "VRAM GiB" in wide

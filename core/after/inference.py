@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from fx.quiet import quiet_libraries
 from fx.run.context import Context
 from fx.run.directory import RunDir
 from fx.run.resume import read_run
-from fx.training.devices import device
+from fx.training.devices import choose_threads, device
 
 RECORD = "fx_merged.json"  # written by fx merge into the merged folder: the run it came from, its base and dtype
 
@@ -34,6 +35,14 @@ def release() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def threads() -> None:
+    """Choose torch's CPU threads for this machine's load (fx.training.devices.choose_threads), saying so when fewer
+    than the cores."""
+    note = choose_threads()
+    if note:
+        print(f"fx: {note}", file=sys.stderr)
 
 
 def device_map() -> dict[str, Any]:
@@ -135,6 +144,7 @@ def load(run_dir: Path, exp: Experiment | None = None) -> Loaded:
     merged = merge_record(run_dir) is not None
     if not merged:
         adapter_dir(run_dir)  # refuse before loading anything
+    threads()
     source, tokenizer, template = exp.built.source, exp.built.tokenizer, exp.built.template
     if merged:
         return Loaded(exp, source, tokenizer, template, load_merged(run_dir), Path(run_dir))
@@ -174,6 +184,7 @@ def evaluate_run(run_dir: Path, data: Path | None = None) -> dict[str, Any]:
     merged = merge_record(run_dir) is not None
     if not merged:
         adapter_dir(run_dir)
+    threads()
     if data is None:
         prep = prepare(exp)
         if not prep.held_out.rows:
@@ -201,6 +212,7 @@ def finished(run_dir: Path) -> Context:
     exp = experiment(run_dir)
     adapter_dir(run_dir)
     quiet_libraries()
+    threads()
     return Context.finished(run_dir, exp)
 
 

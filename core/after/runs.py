@@ -6,6 +6,7 @@ a TensorBoard log) is passed over.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -146,15 +147,50 @@ def _cell(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def show(directory: Path, sort: str = "date", reverse: bool = False, pair: list[str] | None = None) -> None:
-    """``fx runs``: the table of the runs in ``directory``, or with ``pair`` (two run names) their differences."""
-    from rich import box
+# the columns fx runs leaves out first when its table is wider than the terminal, in that order
+SPARE = ("created", "model", "metric", "VRAM GiB", "best", "tokens/s", "method")
+
+
+def _console():
+    """A console for tables: the terminal's width; piped or redirected, ``COLUMNS`` when set, else whole rows."""
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
-    if not console.is_terminal:  # piped or redirected: whole rows, not cells wrapped to 80 columns
+    if not console.is_terminal and "COLUMNS" not in os.environ:
         console = Console(width=max(console.width, 240))
+    return console
+
+
+def _fitting(console, title: str, columns: list[str], numeric: set[str], rows: list[list[str]]):
+    """The table of ``rows`` with as many of ``columns`` as fit the console (the SPARE ones left out first), the
+    columns left out, and the width the whole table needs."""
+    from rich import box
+    from rich.measure import Measurement
+    from rich.table import Table
+
+    shown, hidden, whole = list(columns), [], None
+    while True:
+        table = Table(title=title, box=box.SIMPLE_HEAD)
+        for column in shown:
+            table.add_column(column, justify="right" if column in numeric else "left", no_wrap=True)
+        for row in rows:
+            table.add_row(*(cell for column, cell in zip(columns, row) if column in shown))
+        spare = [c for c in (*SPARE, *columns[::-1]) if c in shown and c not in ("name", "status")]
+        width = Measurement.get(console, console.options.update_width(100_000), table).maximum
+        whole = whole or width
+        if width <= console.width or not spare:
+            return table, hidden, whole
+        shown.remove(spare[0])
+        hidden.append(spare[0])
+
+
+def show(directory: Path, sort: str = "date", reverse: bool = False, pair: list[str] | None = None) -> None:
+    """``fx runs``: the table of the runs in ``directory``, or with ``pair`` (two run names) their differences. A table
+    wider than the terminal leaves columns out and says which, and how to see them."""
+    from rich import box
+    from rich.table import Table
+
+    console = _console()
     if pair:
         a, b = (resolve(directory, name) for name in pair)
         config_rows, metric_rows, equal = compare(a, b)
@@ -171,17 +207,17 @@ def show(directory: Path, sort: str = "date", reverse: bool = False, pair: list[
     if not rows:
         print(f"no runs in {directory}")
         return
-    table = Table(title=f"runs in {directory} (sorted by {sort}{', reversed' if reverse else ''})",
-                  box=box.SIMPLE_HEAD)
     preference = [k for k in PREFERENCE if any(k in r.preference for r in rows)]  # only when a run has them
     results = sorted({k for r in rows for k in r.results})  # plugins' stages' numbers, likewise
-    numeric = ("steps", "final", "best", *preference, *results, "tokens/s", "VRAM GiB")
-    for column in ("name", "created", "model", "method", "status", "steps", "metric", "final", "best", *preference,
-                   *results, "tokens/s", "VRAM GiB"):
-        table.add_column(column, justify="right" if column in numeric else "left")
-    for r in rows:
-        table.add_row(r.name, r.date.astimezone().strftime("%Y-%m-%d %H:%M"), r.model, r.method, r.status,
-                      _cell(r.steps), r.metric, _cell(r.final), _cell(r.best),
-                      *(_cell(r.preference.get(k)) for k in preference), *(_cell(r.results.get(k)) for k in results),
-                      _cell(r.tokens_s), _cell(r.vram))
+    columns = ["name", "created", "model", "method", "status", "steps", "metric", "final", "best", *preference,
+               *results, "tokens/s", "VRAM GiB"]
+    cells = [[r.name, r.date.astimezone().strftime("%Y-%m-%d %H:%M"), r.model, r.method, r.status, _cell(r.steps),
+              r.metric, _cell(r.final), _cell(r.best), *(_cell(r.preference.get(k)) for k in preference),
+              *(_cell(r.results.get(k)) for k in results), _cell(r.tokens_s), _cell(r.vram)] for r in rows]
+    numeric = {"steps", "final", "best", *preference, *results, "tokens/s", "VRAM GiB"}
+    table, hidden, whole = _fitting(console, f"runs in {directory} (sorted by {sort}{', reversed' if reverse else ''})",
+                             columns, numeric, cells)
     console.print(table)
+    if hidden:
+        console.print(f"{len(hidden)} column(s) left out to fit {console.width} columns: {', '.join(hidden)}; a "
+                      f"terminal {whole} wide (or COLUMNS={whole} fx runs ...) shows them all", highlight=False)

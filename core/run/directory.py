@@ -153,6 +153,7 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "cuda": torch.cuda.is_available(),
+        "threads": torch.get_num_threads(),  # torch's CPU threads (fx.training.devices.choose_threads)
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
