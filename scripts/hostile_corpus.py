@@ -76,7 +76,10 @@ KEYS = ["experiment.name", "experiment.seed", "experiment.output_dir", "model.so
         "model.dtype", "data.source", "data.path", "data.eval_fraction", "data.max_length", "data.format",
         "template.name", "method.name", "method.max_steps", "method.micro_batch_size", "method.learning_rate",
         "method.optim", "method.lora.r", "method.lora.target_modules", "method.lr_scheduler", "checkpoints.every_steps",
-        "checkpoints.keep", "stages.evaluate.metric", "budget.gpu", "budget.vram_gib", "trackers.jsonl"]
+        "checkpoints.keep", "stages.evaluate.metric", "budget.gpu", "budget.vram_gib", "trackers.jsonl",
+        "method.lora.variant", "method.lora.init", "method.attention", "method.gradient_checkpointing",
+        "distributed.strategy", "stages.merge.dtype", "stages.merge.enabled", "stages.export.quant",
+        "stages.export.format", "stages.nonesuch.enabled", "trackers.console.every_s"]
 for key in KEYS:
     for value in VALUES[: 15 if key.startswith(("method.", "data.")) else 8]:
         case("set", f"{key}={value}", ["validate", "exp.toml", "--set", f"{key}={value}"], experiment(),
@@ -217,6 +220,7 @@ def fake_run(damage=None, checkpoints=(4, 8)):
     def setup(d: Path):
         from fx import config
         from fx.run.directory import RunDir
+        from fx.run.record import RunSummary
         from fx.training import checkpoints as ck
 
         experiment()(d)
@@ -224,7 +228,9 @@ def fake_run(damage=None, checkpoints=(4, 8)):
         run = RunDir(d / "run")
         run.path.mkdir()
         run.write_setup(exp.resolved(), {"base_dir": str(d)})
-        run.write_summary({"status": "interrupted", "steps": max(checkpoints, default=0)})
+        run.write_summary(RunSummary(name="run", status="interrupted", created="2026-01-01T00:00:00",
+                                     started="2026-01-01T00:00:00+00:00", model="random", method="qlora_sft",
+                                     template="llama2", steps=max(checkpoints, default=0)).to_dict())
         for step in checkpoints:
             folder = run.checkpoints / f"checkpoint-{step}"
             folder.mkdir(parents=True)
@@ -269,6 +275,12 @@ ck_name = "fx-manifest.json"
 for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", ck_name):
     RESUME[f"all {name} truncated"] = (fake_run(everywhere(name, truncate)), [])
     RESUME[f"all {name} deleted"] = (fake_run(everywhere(name, Path.unlink)), [])
+RESUME["manifests list no files"] = (fake_run(everywhere(ck_name, lambda p: p.write_text(json.dumps(
+    {"step": int(p.parent.name.split("-")[1]), "files": {}})))), [])
+RESUME["summary unknown field"] = (fake_run(lambda r: (r / "summary.json").write_text(
+    (r / "summary.json").read_text().replace('"version"', '"tokens_per_joule": 1, "version"'))), [])
+RESUME["summary newer schema"] = (fake_run(lambda r: (r / "summary.json").write_text(
+    (r / "summary.json").read_text().replace('"version": 1', '"version": 9'))), [])
 RESUME["all optimizer deleted, --reset-optimizer, manifest garbage"] = (
     fake_run(lambda r: [everywhere("optimizer.pt", Path.unlink)(r),
                         everywhere(ck_name, lambda p: p.write_text("["))(r)]),
@@ -276,6 +288,70 @@ RESUME["all optimizer deleted, --reset-optimizer, manifest garbage"] = (
 for label, (setup, extra) in RESUME.items():
     argv = ["run", "exp.toml", "--reset-optimizer"] if extra is None else ["run", "--resume", "run", *extra]
     case("resume", label, argv, setup)
+
+# --- finished runs: every file a command reads from a run folder -----------------------------------------------------
+def finished_run(damage=None):
+    """A copy of one real finished run (trained once per corpus run, into the shared cache), then damaged."""
+    def setup(d: Path):
+        import shutil
+
+        from fx import config, pipeline
+        from fx.hooks import manager
+
+        made = Path(os.environ["FX_HOSTILE_RUN"])
+        if not (made / "adapter").is_dir():
+            experiment(BASE.replace("max_steps = 12", "max_steps = 2"))(made.parent)
+            folder = pipeline.execute(config.load(made.parent / "exp.toml"), manager.get())
+            folder.rename(made)
+        experiment()(d)
+        shutil.copytree(made, d / "run")
+        origin = json.loads((d / "run" / "run.json").read_text())
+        (d / "run" / "run.json").write_text(json.dumps({**origin, "base_dir": str(d)}))
+        if damage:
+            damage(d / "run")
+    return setup
+
+
+def rewrite(name, change):
+    return lambda r: (r / name).write_bytes(change((r / name).read_bytes()))
+
+
+FINISHED = {
+    "adapter junk": rewrite("adapter/adapter_model.safetensors", lambda b: os.urandom(len(b))),
+    "adapter truncated": rewrite("adapter/adapter_model.safetensors", lambda b: b[: len(b) // 2]),
+    "adapter empty": rewrite("adapter/adapter_model.safetensors", lambda b: b""),
+    "adapter config r changed": rewrite("adapter/adapter_config.json", lambda b: b.replace(b'"r": 8', b'"r": 4')),
+    "adapter manifest gone, config r changed": lambda r: ((r / "adapter" / ck_name).unlink(), rewrite(
+        "adapter/adapter_config.json", lambda b: b.replace(b'"r": 8', b'"r": 4'))(r)),
+    "adapter gone, completed": lambda r: __import__("shutil").rmtree(r / "adapter"),
+    "config names another architecture": rewrite("config.toml", lambda b: b.replace(b'"tiny"', b'"smollm2-135m"')),
+    "held-out data gone": lambda r: (r.parent / "rows.jsonl").unlink(),
+    "summary garbage": rewrite("summary.json", lambda b: b"{"),
+    "summary unknown field": rewrite("summary.json", lambda b: b.replace(b'"version"', b'"x": 1, "version"')),
+    "merged folder junk": lambda r: ((r / "merged").mkdir(), (r / "merged" / "config.json").write_text("{")),
+}
+COMMANDS = {"merge": ["merge", "run", "--dtype", "float32"], "export": ["export", "run", "--quant", "f32"],
+            "eval": ["eval", "run"], "generate": ["generate", "run", "--prompt", "hi"], "runs": ["runs", "."],
+            "resume": ["run", "--resume", "run"]}
+for label, damage in FINISHED.items():
+    for command, argv in COMMANDS.items():
+        # fx runs lists a damaged run as such (exit 0); a command that doesn't read the damaged file may go on
+        spared = command == "runs" or label.startswith(("summary", "merged"))
+        case("finished", f"{command} {label}", argv, finished_run(damage), expect=(0, 2) if spared else (2,))
+case("finished", "export --out where nothing can be made", ["export", "run", "--out", "/proc/x.gguf"], finished_run())
+case("finished", "export --out a folder", ["export", "run", "--out", "run"], finished_run())
+case("finished", "merge --out the run's config", ["merge", "run", "--out", "run/config.toml"], finished_run())
+
+# --- stages ---------------------------------------------------------------------------------------------------------
+for label, text in {
+    "export ollama, template without a Go template": BASE + "\n[stages.export]\nenabled = true\nformat = 'ollama'\n",
+    "unknown stage": BASE + "\n[stages.startswith]\nenabled = true\n",
+    "stage table not a table": BASE.replace("[stages.evaluate]", "[stages]\nevaluate = 3\n[stages.generate2]"),
+}.items():
+    case("stages", label, ["run", "exp.toml"], experiment(text), expect=(0, 2))
+case("stages", "max_steps 0", ["run", "exp.toml", "--set", "method.max_steps=0"], experiment())
+case("data", "expect mixes strings and lists", ["data", "exp.toml"], experiment(rows=[
+    {**r, "expect": r["expect"][0] if i % 2 else r["expect"]} for i, r in enumerate(TINY_ROWS)]), expect=(0,))
 
 # --- concurrency: two first runs at once with an empty cache --------------------------------------------------------
 case("concurrency", "two first fx data at once, empty cache", ["@concurrent", "data", "exp.toml"], experiment(),
@@ -372,6 +448,8 @@ def main() -> int:
     started = time.time()
     results = []
     with tempfile.TemporaryDirectory(prefix="fx-hostile-cache-") as cache:
+        (Path(cache) / "finished").mkdir()
+        os.environ["FX_HOSTILE_RUN"] = str(Path(cache) / "finished" / "run")  # made by the first case that needs it
         for i, c in enumerate(cases, 1):
             r = run_case(c, Path(cache))
             results.append(r)

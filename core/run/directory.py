@@ -87,12 +87,15 @@ class RunDir:
             raise UserError(f"{self.path}: not a readable fx run ({exc})") from None
 
     def read_summary(self) -> RunSummary | None:
-        """The summary, validated against its schema (UserError naming the file when it doesn't fit), or None when
-        the run never wrote one (or left only a partial one)."""
+        """The summary, validated against its schema (UserError naming the file when it is no JSON or doesn't fit),
+        or None when the run never wrote one."""
         try:
             data = json.loads(self.summary.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        except FileNotFoundError:
             return None
+        except (OSError, ValueError) as exc:  # fx writes it whole (atomically): anything else is damage
+            raise UserError(f"{self.summary}: not a summary fx can read ({exc}); move it aside to go on without "
+                            "it") from None
         return parse_summary(data, self.summary)
 
     def read_history(self) -> History:
