@@ -336,8 +336,25 @@ COMMANDS = {"merge": ["merge", "run", "--dtype", "float32"], "export": ["export"
 for label, damage in FINISHED.items():
     for command, argv in COMMANDS.items():
         # fx runs lists a damaged run as such (exit 0); a command that doesn't read the damaged file may go on
-        spared = command == "runs" or label.startswith(("summary", "merged"))
+        spared = command == "runs" or label.startswith(("summary", "merged")) or (command, label) == (
+            "generate", "held-out data gone")  # generate prompts the model; it reads no data
         case("finished", f"{command} {label}", argv, finished_run(damage), expect=(0, 2) if spared else (2,))
+def merged_then(damage):
+    def setup(r: Path):
+        from fx.cli import main
+
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            main(["merge", str(r), "--dtype", "float32"])
+        damage(r / "merged")
+    return setup
+
+
+for label, damage in {"weights truncated": rewrite("model.safetensors", lambda b: b[:-64]),
+                      "config junk": rewrite("config.json", lambda b: b"{"),
+                      "record names a gone run": rewrite("fx_merged.json", lambda b: b'{"run": "/nonesuch"}')}.items():
+    for argv in (["eval", "run/merged"], ["generate", "run/merged", "--prompt", "hi"], ["export", "run"]):
+        case("finished", f"{argv[0]} merged {label}", argv, finished_run(merged_then(damage)),
+             expect=(0, 2) if argv[0] == "export" else (2,))
 case("finished", "export --out where nothing can be made", ["export", "run", "--out", "/proc/x.gguf"], finished_run())
 case("finished", "export --out a folder", ["export", "run", "--out", "run"], finished_run())
 case("finished", "merge --out the run's config", ["merge", "run", "--out", "run/config.toml"], finished_run())
@@ -422,7 +439,9 @@ def run_case(c: Case, cache: Path) -> dict:
                 os.environ.clear()
                 os.environ.update(saved)
                 os.chdir(ROOT)
-            allowed = (str(d / "runs"), str(d / "run"), str(d / "home" / "runs"))  # output_dir = "~/runs"
+            # output_dir = "~/runs"; matplotlib's font list, made once per process in the home of its first plot
+            allowed = (str(d / "runs"), str(d / "run"), str(d / "home" / "runs"),
+                       str(d / "home" / ".cache" / "matplotlib"))
         after = snapshot(d)
         outside = sorted(p for p, v in after.items() if before.get(p) != v and not p.startswith(allowed))
         outside += sorted(p for p in before if p not in after and not p.startswith(allowed))

@@ -178,3 +178,19 @@ def test_an_out_that_cannot_be_written_is_named_as_given(copy, capsys):
     assert cli.main(["export", str(copy), "--quant", "f32", "--out", "/proc/model.gguf"]) == 2
     err = capsys.readouterr().err
     assert "fx: error: /proc/model.gguf: No such file or directory" in err and ".fx-export-" not in err
+
+
+def test_a_damaged_merged_folder_is_refused_and_not_reused_by_an_export(tiny_run, tmp_path, capsys):
+    _, folder, _ = tiny_run
+    copy = tmp_path / folder.name
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("export"))
+    weights = copy / "merged" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    assert cli.main(["eval", str(copy / "merged")]) == 2
+    err = capsys.readouterr().err
+    # the merged folder's record names the run it was merged from: the original, which this folder was copied from
+    assert "model.safetensors is not a readable safetensors file" in err and f"fx merge {folder} --out" in err
+    assert cli.main(["export", str(copy), "--quant", "f32"]) == 0
+    capsys.readouterr()
+    merge = json.loads((copy / "summary.json").read_text())["exports"][-1]["merge"]
+    assert merge["reused"] is False and merge["not_reused"].startswith(f"{copy / 'merged'} is damaged")

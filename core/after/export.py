@@ -54,11 +54,13 @@ def _merged(ctx: Context, work: Path) -> tuple[Path, dict[str, Any]]:
     so into ``work`` for this export (not checked on its own: the export's check measures what comes of it)."""
     files = ctx.folder
     record = inference.merge_record(files.merged) if (files.merged / "config.json").is_file() else None
-    if record is not None and record.get("base") == "trained":
+    damaged = inference.merged_problems(files.merged) if record is not None else []
+    if record is not None and record.get("base") == "trained" and not damaged:
         ctx.model = None  # the trained model in memory is not needed again: its measurement is in the record
         return files.merged, {"path": str(files.merged), "reused": True, "base": "trained"}
     result = merge(ctx, work / "merged", "auto", base="trained", check=False)
-    why = (f"{files.merged} is merged into the {record.get('base', 'original')} weights, not the trained base"
+    why = (f"{files.merged} is damaged: {'; '.join(damaged[:2])}" if damaged else
+           f"{files.merged} is merged into the {record.get('base', 'original')} weights, not the trained base"
            if record is not None else None)
     return work / "merged", {**result, "reused": False, "path": None,  # removed after the export
                              **({"not_reused": why} if why else {})}

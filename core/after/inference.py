@@ -23,6 +23,7 @@ from fx.quiet import quiet_libraries
 from fx.run.context import Context
 from fx.run.directory import RunDir
 from fx.run.resume import read_run
+from fx.sources.folders import folder_problems
 from fx.training.devices import choose_threads, device
 
 RECORD = "fx_merged.json"  # written by fx merge into the merged folder: the run it came from, its base and dtype
@@ -81,10 +82,20 @@ def experiment(run_dir: Path) -> Experiment:
     return read_run(run_of(run_dir))
 
 
+def merged_problems(folder: Path) -> list[str]:
+    """What is wrong with a merged folder, checked as a model source checks a local folder (fx.sources.folders)."""
+    return folder_problems(Path(folder), key=str(folder))
+
+
 def load_merged(folder: Path, dtype=None):
-    """A merged folder loaded with plain transformers, as a user loads it (in eval mode)."""
+    """A merged folder loaded with plain transformers, as a user loads it (in eval mode); a damaged one is refused,
+    naming the file."""
     from transformers import AutoModelForCausalLM
 
+    problems = merged_problems(folder)
+    if problems:
+        raise UserError("; ".join(p.split(": ", 1)[1] for p in problems[:3]) + f". Merge again: fx merge "
+                        f"{run_of(folder)} --out NEW_FOLDER")
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto", device_map=device_map()).eval()
 
 

@@ -17,6 +17,7 @@ import tomli_w
 from fx.errors import UserError
 from fx.files import MANIFEST, atomic_folder, drop_placeholder_card, listing, mismatches, write_atomic
 from fx.run.record import History, RunSummary, parse_summary, read_history
+from fx.sources.folders import safetensors_problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -170,23 +171,6 @@ def _json_object(path: Path) -> bool:
         return isinstance(json.loads(path.read_text()), dict)
     except (OSError, ValueError, UnicodeDecodeError):
         return False
-
-
-def safetensors_problem(path: Path) -> str | None:
-    """Why ``path`` is no whole safetensors file (its header unreadable, or the file shorter than the tensors the
-    header places in it), or None; read without loading a tensor."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            length = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if not 0 < length <= min(size - 8, 100 << 20):
-                return "empty or not a safetensors file" if size else "empty"
-            header = json.loads(fh.read(length))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, UnicodeDecodeError):
-        return "not a safetensors file"
-    return f"cut short ({size} bytes of {8 + length + end})" if size < 8 + length + end else None
 
 
 def peak_rss_gib() -> float:

@@ -22,19 +22,28 @@ def _json(path: Path) -> tuple[object, str | None]:
         return None, f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
 
 
-def real_safetensors(path: Path) -> bool:
-    """Whether ``path`` is a safetensors file: an 8-byte header length, then that much JSON, within the file."""
+def safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is no whole safetensors file (empty, a header that is no JSON, or shorter than the tensors its
+    header places in it), or None; read without loading a tensor."""
     try:
+        size = path.stat().st_size
         with open(path, "rb") as fh:
             head = fh.read(8)
             if len(head) < 8:
-                return False
+                return "empty" if not size else "not a safetensors file"
             (length,) = struct.unpack("<Q", head)
-            if length > min(path.stat().st_size - 8, 100 * 2**20):
-                return False
-            return isinstance(json.loads(fh.read(length)), dict)
-    except (OSError, ValueError):
-        return False
+            if length > min(size - 8, 100 * 2**20):
+                return "not a safetensors file"
+            header = json.loads(fh.read(length))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return "not a safetensors file"
+    return f"cut short ({size} bytes of {8 + length + end})" if size < 8 + length + end else None
+
+
+def real_safetensors(path: Path) -> bool:
+    """Whether ``path`` is a whole safetensors file (:func:`safetensors_problem`)."""
+    return safetensors_problem(path) is None
 
 
 def config_problems(config: dict, folder: Path, key: str, trust_remote_code: bool) -> list[str]:
