@@ -44,13 +44,16 @@ def heldout_loss(model, rows: list[dict[str, list[int]]], pad_id: int, batch_siz
 
 
 def generate(model, tokenizer, template: Template, conversations: list[list[dict]], max_new_tokens: int,
-             batch_size: int = 8, streamer=None) -> list[str]:
-    """Greedy answers to the last user turn of each conversation, prompted exactly as training rendered it.
-    A ``streamer`` (transformers' TextStreamer) receives the tokens as they come; it takes one conversation."""
+             batch_size: int | None = None, streamer=None) -> list[str]:
+    """Greedy answers to the last user turn of each conversation, prompted exactly as training rendered it, in
+    batches of ``batch_size`` (default: 8 on a GPU; 32 on a CPU, where a step costs the 4-bit weights'
+    dequantisation whatever the batch holds: docs/reliability.md). A ``streamer`` (transformers' TextStreamer) receives the tokens as they come; it takes one
+    conversation."""
     import torch
 
     model.eval()
     dev = next(p.device for p in model.parameters())
+    batch_size = batch_size or (8 if dev.type == "cuda" else 32)
     answers = []
     ends = (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None))  # an id or a list
     stop = sorted({x for t in ends if t is not None for x in (t if isinstance(t, list) else [t])})

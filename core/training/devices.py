@@ -28,7 +28,7 @@ def dtype_name(dtype) -> str:
 def choose_threads() -> str | None:
     """On a CPU, torch's threads: one per core this process may use that other processes leave idle (measured over a
     quarter of a second), at least one. torch's default, a thread per core, makes two threads spin against each
-    other on a busy 2-core machine (16 generated tokens took 90 s with two and 27 s with one). ``OMP_NUM_THREADS``
+    other on a 2-core machine whose other core is busy (docs/reliability.md). ``OMP_NUM_THREADS``
     set by the user is theirs to keep. Returns a line saying what was chosen when it is fewer than the cores, else
     None."""
     import os
