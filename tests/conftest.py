@@ -301,6 +301,17 @@ def install_package(files: dict[str, str], root: Path) -> Path:
     return target
 
 
+def importable(site: Path, monkeypatch) -> Path:
+    """An installed package's folder importable in this process (its entry point found) and in the fx processes a
+    test starts."""
+    import os
+
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    manager.get.cache_clear()
+    return site
+
+
 # the guide's complete example packages: (first heading, the heading after, the package's files)
 GUIDE_METHOD = ("## Writing a method", "### A complete example: a preference method", ("pyproject.toml",
                                                                                        "fx_anchored.py"))

@@ -176,6 +176,7 @@ def test_a_checkpoint_is_complete_once_every_rank_wrote_its_part_and_its_manifes
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        (folder / "adapter_model.safetensors").write_bytes(b"w")  # a checkpoint's manifest must list its weights
         for r in ranks:
             (folder / f"rng_state_{r}.pth").write_bytes(b"x")
         if manifest:  # rank 0 writes it once every rank has written its part

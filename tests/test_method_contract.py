@@ -5,7 +5,6 @@ report, every tracker, fx plan and fx bench from fx, with no code of its own for
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -17,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import GUIDE_METHOD, TINY_EXPERIMENT, TINY_ROWS, guide_files, install_package
+from conftest import GUIDE_METHOD, TINY_EXPERIMENT, TINY_ROWS, guide_files, importable, install_package
 from fx import cli
 from fx.hooks import manager
 
@@ -37,11 +36,7 @@ def site(tmp_path_factory):
 
 @pytest.fixture
 def installed(site, monkeypatch):
-    """The package importable in this process (its entry point found) and in the fx processes a test starts."""
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
-    manager.get.cache_clear()
-    return site
+    return importable(site, monkeypatch)
 
 
 @pytest.fixture

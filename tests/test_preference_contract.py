@@ -18,6 +18,7 @@ from conftest import (
     TINY_ROWS,
     assert_stopped_run_resumes_to_the_uninterrupted_adapter,
     guide_files,
+    importable,
     install_package,
 )
 from fx import cli
@@ -36,10 +37,7 @@ def site(tmp_path_factory):
 
 @pytest.fixture
 def installed(site, monkeypatch):
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.setenv("PYTHONPATH", str(site))
-    manager.get.cache_clear()
-    return site
+    return importable(site, monkeypatch)
 
 
 def run(*args: str) -> int:

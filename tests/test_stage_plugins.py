@@ -15,10 +15,9 @@ import sys
 import pytest
 
 import fx
-from conftest import GUIDE_STAGE, ROOT, TINY_EXPERIMENT, TINY_ROWS, guide_files, install_package
+from conftest import GUIDE_STAGE, ROOT, TINY_EXPERIMENT, TINY_ROWS, guide_files, importable, install_package
 from fx import cli, config
 from fx.errors import PluginError
-from fx.hooks import manager
 from fx.stages.builtin import BUILTIN
 from fx.stages.order import declared, describe
 
@@ -38,9 +37,7 @@ def site(tmp_path_factory):
 
 @pytest.fixture
 def installed(site, monkeypatch):
-    monkeypatch.syspath_prepend(str(site))
-    manager.get.cache_clear()
-    return site
+    return importable(site, monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +57,7 @@ def staged(site, tmp_path_factory):
 
 
 def test_the_guide_stage_is_found_through_its_entry_point(installed):
-    out = subprocess.run([sys.executable, "-m", "fx.cli", "plugins", "--json"], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(installed)})
+    out = subprocess.run([sys.executable, "-m", "fx.cli", "plugins", "--json"], capture_output=True, text=True)
     plugins = {p["name"]: p for p in json.loads(out.stdout)}
     assert plugins["startswith"]["registers"] == ["stage:starts_with"]
     assert plugins["startswith"]["hooks"] == ["fx_register_stages"]
