@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
-from fx.errors import Interrupted, TrainingFailed, UserError, printable
+from fx.bench.compare import percent
+from fx.errors import Interrupted, Stopped, TrainingFailed, UserError, printable, stopping_on_signals
 from fx.quiet import quiet_libraries, silence_noise, tolerate_closed_output
 
 
@@ -267,7 +269,7 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=3, help="steps run first and not measured (default 3)")
     bench.add_argument("--out", type=Path, help="write the result as JSON")
     bench.add_argument("--compare", type=Path, metavar="BASELINE", help="exit 1 if worse than this result")
-    bench.add_argument("--tolerance", type=_percent, default=0.05, help="allowed change, e.g. 5%% (default)")
+    bench.add_argument("--tolerance", type=percent, default=0.05, help="allowed change, e.g. 5%% (default)")
     bench.add_argument("--reference", action="store_true",
                        help="also run the tutorial's plain transformers/peft/trl recipe and report fx's ratio to it")
     bench.add_argument("--result", type=Path, help="compare this saved result instead of running FILE")
@@ -351,16 +353,6 @@ def _budget(text: str) -> str:
     return text
 
 
-def _percent(text: str) -> float:
-    try:
-        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a percentage like 5% or 0.05") from None
-    if not 0 <= value < 10:
-        raise argparse.ArgumentTypeError(f"{text!r} is out of range")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     """The one place where fx's errors become what a user reads (control characters from their input escaped) and
     an exit code: 2 for a mistake in what they gave, 1 for a failed training, 128+signal for a stopped one."""
@@ -370,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     from fx.run.launch import note_failure, rank
     this = rank()  # on several GPUs, rank 0 says what every rank would; each tells the launcher how it ended
     try:
-        return args.func(args)
+        with stopping_on_signals():  # SIGTERM, SIGHUP: what is under way cleans up, as after Ctrl-C
+            return args.func(args)
     except (UserError, Interrupted) as exc:
         note_failure(this, "refused" if isinstance(exc, UserError) else "interrupted", str(exc))
         if this == 0:
@@ -380,10 +373,10 @@ def main(argv: list[str] | None = None) -> int:
         note_failure(this, getattr(exc, "status", "failed"), str(exc))
         print(f"fx: training failed: {printable(str(exc))}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or fx.errors.Stopped (SIGTERM, SIGHUP) outside a run's own handling
         note_failure(this, "interrupted", "interrupted")
-        print("fx: interrupted", file=sys.stderr)
-        return 130
+        print(f"fx: interrupted{f' by {exc}' if isinstance(exc, Stopped) else ''}", file=sys.stderr)
+        return 128 + getattr(exc, "signum", signal.SIGINT)
     except OSError as exc:  # the OS refused a file of the user's (disk full, no permission, a name too long)
         where = f"{exc.filename}: " if exc.filename else ""
         message = printable(where + (exc.strerror or str(exc)))

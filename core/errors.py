@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import signal
+import threading
 import unicodedata
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class UserError(Exception):
@@ -39,6 +42,26 @@ class Stopped(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+
+@contextmanager
+def stopping_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP stop the work where it is, as SIGINT does (:class:`Stopped`), so that what is under way
+    cleans up after itself (temporary files, a run's record saying ``interrupted``) instead of dying mid-write;
+    training's steps handle them their own way (fx.training.contract). The main thread only (where signals land)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 class TrainingFailed(Exception):

@@ -47,8 +47,8 @@ def generate(model, tokenizer, template: Template, conversations: list[list[dict
              batch_size: int | None = None, streamer=None) -> list[str]:
     """Greedy answers to the last user turn of each conversation, prompted exactly as training rendered it, in
     batches of ``batch_size`` (default: 8 on a GPU; 32 on a CPU, where a step costs the 4-bit weights'
-    dequantisation whatever the batch holds: docs/reliability.md). A ``streamer`` (transformers' TextStreamer) receives the tokens as they come; it takes one
-    conversation."""
+    dequantisation whatever the batch holds: docs/reliability.md). A ``streamer`` (transformers' TextStreamer)
+    receives the tokens as they come; it takes one conversation."""
     import torch
 
     model.eval()

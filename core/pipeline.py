@@ -12,10 +12,7 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,7 +20,7 @@ from fx.config import Experiment
 from fx.data.formats import to_row
 from fx.data.prepare import Prepared, prepare
 from fx.data.report import length_histogram
-from fx.errors import Interrupted, Stopped, UserError
+from fx.errors import Interrupted, UserError, stopping_on_signals
 from fx.plan.gpus import GIB
 from fx.run import launch
 from fx.run.context import Context
@@ -50,25 +47,6 @@ def interrupted_at(run: Run, signum: int = signal.SIGINT) -> str:
     if run.files.adapter.is_dir():
         return f"{name}: interrupted during the {where} stage, after training (the adapter is saved). {resume}"
     return f"{name}: interrupted during the {where} stage, before training; nothing was trained yet. {resume}"
-
-
-@contextmanager
-def stopping_on_signals() -> Iterator[None]:
-    """SIGTERM and SIGHUP stop the run where it is, as SIGINT does (fx.errors.Stopped), so that its record says
-    ``interrupted`` and names the stage; training's steps handle them their own way (fx.training.contract)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Stopped(signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def _measure_peaks(summary: RunSummary) -> None:

@@ -99,3 +99,23 @@ def test_fx_runs_tells_a_run_whose_process_died(tiny_run, tmp_path, capsys):
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.split()[:1] in (["dead"],
                                                                                                           ["live"])}
     assert " died " in rows["dead"] and " running " in rows["live"]
+
+
+def test_a_signal_during_a_command_on_a_finished_run_leaves_nothing_half_written(tiny_run, tmp_path, monkeypatch,
+                                                                                capsys):
+    """SIGTERM while ``fx export`` writes the GGUF file: the command stops with 143, its temporary folder and file
+    gone, nothing at ``--out``."""
+    from fx.after import gguf_file
+
+    _, folder, _ = tiny_run
+    write = gguf_file.write
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(gguf_file, "write", terminated)
+    out = tmp_path / "model.gguf"
+    assert cli.main(["export", str(folder), "--quant", "f32", "--out", str(out)]) == 128 + signal.SIGTERM
+    assert "fx: interrupted by SIGTERM" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

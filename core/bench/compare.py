@@ -8,6 +8,7 @@ workloads: it catches a regression in how the same workload runs.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import json
@@ -205,3 +206,14 @@ def scaling(baseline: dict[str, Any], current: dict[str, Any]) -> int:
         print(f"peak GPU reserved, largest rank: {new['peak_reserved_gib']:.2f} GiB against "
               f"{old['peak_reserved_gib']:.2f} GiB ({change:+.1%})")
     return 0
+
+
+def percent(text: str) -> float:
+    """``--tolerance``: 5% or 0.05."""
+    try:
+        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a percentage like 5% or 0.05") from None
+    if not 0 <= value < 10:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range")
+    return value
