@@ -178,3 +178,18 @@ def test_a_wrapper_sees_every_stage_and_a_tryfirst_implementation_runs_one_its_w
                                           "evaluate_after", "generate_after"]
     assert dict(seen)["generate_before"] == ["replaced"] and "loss" in dict(seen)["evaluate_after"]
     assert not (folder / "samples.md").exists()
+
+
+def test_a_stage_without_run_is_refused_naming_its_plugin(register_plugin, write_experiment):
+    class Idle(fx.Stage):
+        after = "train"
+
+    class Plugin:
+        @fx.hookimpl
+        def fx_register_stages(self, register):
+            register("idle", Idle)
+
+    register_plugin(Plugin(), "idle-stage")
+    exp = config.load(write_experiment(TINY_EXPERIMENT, TINY_ROWS))
+    with pytest.raises(PluginError, match="plugin 'idle-stage' registered stage 'idle', which can't be made: .*run"):
+        declared(exp)

@@ -6,12 +6,13 @@ object; a third party's is placed before or after a named stage and has its own 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 from fx import settings
 
 
-class Stage:
+class Stage(ABC):
     """A step of ``fx run``. A stage provides :meth:`run`; it may override :meth:`enabled` and :meth:`record`.
 
     * ``name``: its name in the declared list, in ``[stages.<name>]`` and in the hooks (a plugin's stage gets the
@@ -54,9 +55,9 @@ class Stage:
         """Whether a resumed run's earlier segment completed this stage, so that it is not run again."""
         return not self.always and ctx.done(self.name)
 
+    @abstractmethod
     def run(self, ctx) -> dict[str, Any]:
         """Do the stage's work on the run's context (fx.run.context.Context); return what it measured."""
-        raise NotImplementedError(f"stage {self.name!r} has no run()")
 
     def record(self, ctx, result: dict[str, Any]) -> None:
         """Put the result into the run's record: a plugin's stage's numbers and strings go into the summary's

@@ -37,7 +37,11 @@ def declared(exp) -> list[Stage]:
             names = [s.name for s in stages]
             anchor = cls.before or cls.after
             if anchor in names:
-                stage = cls(chosen.settings)
+                try:
+                    stage = cls(chosen.settings)
+                except TypeError as exc:  # run() left abstract, or a constructor of its own
+                    raise PluginError(f"plugin {chosen.plugin!r} registered stage {chosen.name!r}, which can't be "
+                                      f"made: {exc}") from None
                 stage.name = chosen.name
                 stages.insert(names.index(anchor) + (0 if cls.before else 1), stage)
                 placed.append(chosen)
