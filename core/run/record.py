@@ -171,14 +171,11 @@ class Record:
         self.stopped_at = time.perf_counter()
 
     def write(self) -> None:
-        if not self.timed:
-            if self.folder is not None:
-                self.folder.write_summary(self.summary.to_dict())
-            return
-        elapsed = (self.stopped_at or time.perf_counter()) - self.started_at
-        self.summary.wall_s = round(self.earlier_wall_s + elapsed, 1)
-        if self.summary.segments:
-            self.summary.segments[-1].wall_s = round(elapsed, 1)
+        if self.timed:
+            elapsed = (self.stopped_at or time.perf_counter()) - self.started_at
+            self.summary.wall_s = round(self.earlier_wall_s + elapsed, 1)
+            if self.summary.segments:
+                self.summary.segments[-1].wall_s = round(elapsed, 1)
         if self.folder is not None:
             self.folder.write_summary(self.summary.to_dict())
 
@@ -186,12 +183,9 @@ class Record:
 History = list[tuple[int, dict[str, Any]]]
 
 
-def read_history(path: Path, legacy: Path | None = None) -> History:
-    """``(step, metrics)`` for every record of a history file, in order; a partial last line (a run killed while
-    writing it) is passed over. ``legacy``: the file to read when ``path`` doesn't exist (a run from before the
-    record kept its history: the jsonl tracker's file)."""
-    if not path.is_file() and legacy is not None:
-        path = legacy
+def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """Each whole record of a history file with its line; a partial line (a run killed while writing it) is passed
+    over."""
     try:
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
@@ -203,28 +197,23 @@ def read_history(path: Path, legacy: Path | None = None) -> History:
         except json.JSONDecodeError:
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int):
-            out.append((record["step"], {k: v for k, v in record.items() if k not in ("step", "time")}))
+            out.append((line, record))
     return out
+
+
+def read_history(path: Path, legacy: Path | None = None) -> History:
+    """``(step, metrics)`` for every record of a history file, in order. ``legacy``: the file to read when ``path``
+    doesn't exist (a run from before the record kept its history: the jsonl tracker's file)."""
+    found = path if path.is_file() or legacy is None else legacy
+    return [(r["step"], {k: v for k, v in r.items() if k not in ("step", "time")}) for _, r in _records(found)]
 
 
 def keep_history_until(path: Path, step: int, legacy: Path | None = None) -> History:
     """A resumed run trains the steps after its checkpoint again: the records after ``step`` are dropped (and a
     partial last line), so each step appears once; what is kept is returned. ``legacy``: as for
     :func:`read_history` (a run from before history.jsonl gets one, from its jsonl tracker's file)."""
-    try:
-        lines = (path if path.is_file() or legacy is None else legacy).read_text(
-            encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return []
-    kept = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-            kept.append(line + "\n")
-    write_atomic(path, "".join(kept))
+    found = path if path.is_file() or legacy is None else legacy
+    write_atomic(path, "".join(line + "\n" for line, r in _records(found) if r["step"] <= step))
     return read_history(path)
 
 
