@@ -116,25 +116,24 @@ def execute(exp: Experiment, plugins, resume: Path | None = None) -> Path:
     record = Record(folder if world.main else None, _summary(exp, prep, run, previous, world), started_at=started,
                     earlier_wall_s=(previous.wall_s or 0.0) if previous else 0.0)
     summary = record.summary
-    if world.main:
-        folder.write_heldout([to_row(e) for e in prep.held_out_examples])
-        folder.write_setup(exp.resolved(), {"experiment_file": str(exp.path.resolve()),
-                                            "base_dir": str(exp.base_dir), "created": summary.created})
-        length_histogram(prep.train.lengths + prep.held_out.lengths, exp.data.max_length, folder.lengths,
-                         f"{exp.experiment.name}: template {exp.template.name!r}")
-    hub = TrackerHub({t.name: t.cls(t.settings, run) for t in exp.trackers} if world.main else {})
-    if world.main:
-        plugins.pm.register(hub, name=f"fx.trackers.active.{run.name}")
     if world.size > 1:
         summary.distributed = distributed.describe(world, exp.method.settings)
         if world.main and "message" in summary.distributed:
             print(f"fx: {summary.distributed['message']}", file=sys.stderr)
     record.write()  # a run killed before its end (kill -9 of a rank, say) still has a summary saying what it was
+    hub = TrackerHub({t.name: t.cls(t.settings, run) for t in exp.trackers} if world.main else {})
+    if world.main:
+        plugins.pm.register(hub, name=f"fx.trackers.active.{run.name}")
     ctx = Context(exp, prep, folder, record, plugins, run, previous, fitted, None, found[0] if found else None)
     error: BaseException | None = None
     try:
-        with stopping_on_signals():
+        with stopping_on_signals():  # from here a signal ends the run with its record saying so
             if world.main:
+                folder.write_heldout([to_row(e) for e in prep.held_out_examples])
+                folder.write_setup(exp.resolved(), {"experiment_file": str(exp.path.resolve()),
+                                                    "base_dir": str(exp.base_dir), "created": summary.created})
+                length_histogram(prep.train.lengths + prep.held_out.lengths, exp.data.max_length, folder.lengths,
+                                 f"{exp.experiment.name}: template {exp.template.name!r}")
                 plugins.hook.fx_run_start(run=run)
             ctx.cap = budget.cap_allocator(fitted)
             if fitted:

@@ -119,3 +119,19 @@ def test_a_signal_during_a_command_on_a_finished_run_leaves_nothing_half_written
     assert cli.main(["export", str(folder), "--quant", "f32", "--out", str(out)]) == 128 + signal.SIGTERM
     assert "fx: interrupted by SIGTERM" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_signal_as_the_run_starts_marks_it_interrupted(write_experiment, register_plugin, tmp_path):
+    """SIGTERM while the run folder is being written (here: as the plugins hear the run start): the record says
+    ``interrupted``, never ``running`` forever."""
+
+    class AtStart:
+        @fx.hookimpl
+        def fx_run_start(self, run):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    plugins = register_plugin(AtStart(), "at-start")
+    with pytest.raises(Interrupted, match="SIGTERM: interrupted during the setup stage, before training"):
+        pipeline.execute(config.load(write_experiment(TINY_EXPERIMENT, TINY_ROWS)), plugins)
+    (folder,) = (tmp_path / "runs").iterdir()
+    assert RunDir(folder).read_summary().status == "interrupted"

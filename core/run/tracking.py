@@ -56,6 +56,7 @@ class TrackerHub:
     def __init__(self, trackers: dict[str, Tracker]):
         self.trackers = trackers
         self.failed: dict[str, str] = {}
+        self.started = False  # a run stopped before it started (a signal while its folder was written) ends quietly
 
     def _each(self, method: str, *args) -> None:
         for name, tracker in list(self.trackers.items()):
@@ -69,6 +70,7 @@ class TrackerHub:
 
     @hookimpl
     def fx_run_start(self, run) -> None:
+        self.started = True
         self._each("start")
 
     @hookimpl
@@ -85,4 +87,5 @@ class TrackerHub:
 
     @hookimpl
     def fx_run_end(self, run, summary, error) -> None:
-        self._each("finish", summary, error)
+        if self.started:
+            self._each("finish", summary, error)
