@@ -195,8 +195,8 @@ def evaluate_run(run_dir: Path, data: Path | None = None) -> dict[str, Any]:
     merged = merge_record(run_dir) is not None
     if not merged:
         adapter_dir(run_dir)
-    threads()
     if data is None:
+        threads()  # (load() chooses them for --data)
         prep = prepare(exp)
         if not prep.held_out.rows:
             raise UserError(f"{run_dir}: the run has no held-out rows; give some with --data FILE")

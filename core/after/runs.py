@@ -16,7 +16,7 @@ from typing import Any
 from fx.config.diff import differences, flatten
 from fx.errors import UserError
 from fx.run.directory import RunDir
-from fx.run.record import RunSummary, alive
+from fx.run.record import alive
 from fx.settings import did_you_mean
 
 LOWER_IS_BETTER = {"loss", "perplexity", "chosen_loss"}
@@ -88,7 +88,8 @@ def row(folder: Path) -> RunRow:
     best = (min if metric in LOWER_IS_BETTER else max)(points) if points else None
     created = summary.get("created") or RunDir(folder).read_origin().get("created") or summary.get("started")
     status = summary.get("status", "unknown")
-    if status == "running" and alive(RunSummary.model_validate(summary)) is False:
+    last = (summary.get("segments") or [{}])[-1]
+    if status == "running" and alive(last.get("host"), last.get("pid")) is False:
         status = "died"  # no process holds it: killed (kill -9, out of host memory) before it could say so
     date = (datetime.fromisoformat(created) if created
             else datetime.fromtimestamp(RunDir(folder).config.stat().st_mtime, timezone.utc))

@@ -136,14 +136,13 @@ def parse_summary(data: Any, where: Path | str) -> RunSummary:
     return summary
 
 
-def alive(summary: RunSummary) -> bool | None:
-    """Whether the process of a run that says it is running still is: None when that can't be told from here (another
-    machine, or a summary from before segments named their process)."""
-    segment = summary.segments[-1] if summary.segments else None
-    if segment is None or segment.pid is None or segment.host != socket.gethostname():
+def alive(host: str | None, pid: int | None) -> bool | None:
+    """Whether the process a run's last segment names (``Segment.host``, ``Segment.pid``) still runs: None when that
+    can't be told from here (another machine, or a summary from before segments named their process)."""
+    if pid is None or host != socket.gethostname():
         return None
     try:
-        os.kill(segment.pid, 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process of that number
