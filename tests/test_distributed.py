@@ -5,6 +5,7 @@ how the launcher names the rank that ended a run. (Training on several ranks: te
 from __future__ import annotations
 
 import json
+import signal
 from dataclasses import replace
 
 import pytest
@@ -16,7 +17,7 @@ from fx.errors import UserError
 from fx.plan.cost import NCCL_GIB, plan
 from fx.plan.gpus import GIB
 from fx.plan.shapes import Architecture, Workload
-from fx.run.launch import cause
+from fx.run.launch import _report, cause
 from fx.sources.architectures import llama_config
 from fx.training.checkpoints import last_checkpoint, ranks_of, write_manifest
 from fx.training.distributed import CPU_TEST, World, per_rank, per_rank_workload, problems
@@ -200,6 +201,21 @@ def test_the_launcher_names_the_rank_that_ended_a_run_not_its_echoes():
                                                               "stopped")  # SIGTERM: the launcher stopping rank 2
     assert cause({0: echo}, {}, 2)[0] == 0
     assert cause({0: {"status": "interrupted", "message": "", "time": 1.0}}, {}, 2) is None
+
+
+@pytest.mark.parametrize(("status", "code"), [("completed", 0), ("running", 143)])
+def test_a_signal_after_the_ranks_finished_says_the_run_completed(tmp_path, capsys, status, code):
+    """SIGTERM to the launcher once every rank has ended: a completed run is said so (exit 0), not ended silently."""
+    from fx.run.record import RunSummary
+
+    run, notes = tmp_path / "run", tmp_path / "notes"
+    run.mkdir(), notes.mkdir()
+    (notes / "run").write_text(str(run))
+    summary = RunSummary(name="run", status=status, created="2026-12-08T00:00:00", started="2026-12-08T00:00:00",
+                         model="tiny", method="sft", template="chatml")
+    (run / "summary.json").write_text(summary.model_dump_json())
+    assert _report(notes, {"launcher": 128 + signal.SIGTERM}, 2) == code
+    assert ("SIGTERM came after the ranks had finished; the run completed" in capsys.readouterr().err) == (code == 0)
 
 
 def test_the_world_shapes_what_a_rank_is_given(write_experiment):

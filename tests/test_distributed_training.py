@@ -45,6 +45,31 @@ def env(**extra) -> dict[str, str]:
     return {**os.environ, CPU_TEST: "1", **extra}
 
 
+SLOW_STEPS = '''
+import os
+if os.environ.get("RANK") is not None:  # every rank's training step takes half a second more
+    import time
+
+    import transformers
+
+    step = transformers.Trainer.training_step
+
+    def training_step(self, *args, **kwargs):
+        time.sleep(0.5)
+        return step(self, *args, **kwargs)
+
+    transformers.Trainer.training_step = training_step
+'''
+
+
+def with_site(tmp_path: Path, code: str) -> dict[str, str]:
+    """The environment that has every Python process import ``code`` at start (``sitecustomize``)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(code)
+    return {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+
+
 def start(experiment: Path, out: Path, *args, **extra) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "fx.cli", "run", str(experiment), *SETS,
                              "--set", f"experiment.output_dir={out}", *args], env=env(**extra),
@@ -182,7 +207,8 @@ def ranks_of(proc: subprocess.Popen) -> dict[int, int]:
 
 def test_a_rank_killed_then_resume_ends_with_the_uninterrupted_adapter(experiment, ddp, tmp_path):
     out = tmp_path / "killed"
-    proc = start(experiment, out, "--gpus", "2")
+    # slow steps: the tiny model's take ~0.1 s, and the last 6 could end before the kill lands on a loaded machine
+    proc = start(experiment, out, "--gpus", "2", **with_site(tmp_path, SLOW_STEPS))
     folder = wait_for_step(out, 6, proc)
     os.kill(ranks_of(proc)[1], signal.SIGKILL)
     err = finish(proc, 1)
@@ -204,7 +230,9 @@ def test_a_rank_killed_then_resume_ends_with_the_uninterrupted_adapter(experimen
 
 def test_sigterm_stops_every_rank_after_the_same_step_with_a_checkpoint(experiment, ddp, tmp_path):
     out = tmp_path / "stopped"
-    proc = start(experiment, out, "--gpus", "2")
+    # slow steps: the signal reaches the ranks through the launcher's shutdown (~0.3 s here, more on a loaded
+    # machine), and the tiny model's last 10 steps could end before it (seen in CI: every rank done, nothing said)
+    proc = start(experiment, out, "--gpus", "2", **with_site(tmp_path, SLOW_STEPS))
     folder = wait_for_step(out, 2, proc)
     proc.send_signal(signal.SIGTERM)  # the launcher passes it on to every rank
     err = finish(proc, 128 + signal.SIGTERM)
@@ -243,12 +271,9 @@ if os.environ.get("RANK") == "1":  # rank 1 runs out of memory in its third step
 
 
 def test_out_of_memory_on_one_rank_is_reported_with_that_rank(experiment, tmp_path):
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SIMULATED_OOM)  # imported by every Python process at start
     out = tmp_path / "oom"
     proc = start(experiment, out, "--gpus", "2", "--set", "checkpoints.every_steps=1",
-                 PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+                 **with_site(tmp_path, SIMULATED_OOM))
     err = finish(proc, 1)
     folder = only_run(out)
     assert "out of GPU memory on rank 1 (GPU 1) of 2 at step 3" in err and "The last checkpoint (step 2)" in err

@@ -154,11 +154,24 @@ def _report(notes: Path, codes: dict[Any, int], ranks: int) -> int:
         print(f"fx: {found[2]}. The last complete checkpoint ({'step ' + str(last[1]) if last else 'none yet'}) is "
               f"intact.{resume}", file=sys.stderr)
     values = list(codes.values())
+    if found is None and not said and "launcher" in codes and run is not None and _completed(run):
+        # the signal came after every rank had finished: nothing was stopped
+        print(f"fx: {signal.Signals(codes['launcher'] - 128).name} came after the ranks had finished; the run "
+              f"completed: {run}", file=sys.stderr)
+        return 0
     if any(c == 2 for c in values):
         return 2
     if found is None and values and all(c > 128 for c in values) and len(set(values)) == 1:
         return values[0]  # every rank stopped by the same signal, with a checkpoint
     return 1
+
+
+def _completed(run: Path) -> bool:
+    try:
+        summary = RunDir(run).read_summary()
+    except UserError:
+        return False
+    return summary is not None and summary.status == "completed"
 
 
 def _record(run: Path, rank: int, status: str, message: str) -> None:
