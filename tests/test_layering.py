@@ -18,7 +18,7 @@ LAYERS = [
     ("fx.config",),
     ("fx.sources",),
     ("fx.data",),
-    ("fx.evaluation",),
+    ("fx.evaluation", "fx.harness"),
     ("fx.training",),
     ("fx.run",),
     ("fx.after",),

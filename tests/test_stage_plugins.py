@@ -127,8 +127,9 @@ def test_the_docs_table_of_stages_is_generated_from_the_declared_list():
     block = GUIDE[GUIDE.index(start) + len(start):GUIDE.index(end)]
     assert block.strip() == describe(), ("docs/plugins.md's table of stages is out of date: paste the output of "
                                          "python -c 'from fx.stages.order import describe; print(describe())'")
-    assert [s.name for s in BUILTIN] == ["load", "evaluate_before", "generate_before", "train", "save",
-                                         "evaluate_after", "generate_after", "merge", "export"]
+    assert [s.name for s in BUILTIN] == ["load", "evaluate_before", "benchmark_before", "generate_before", "train",
+                                         "save", "evaluate_after", "benchmark_after", "generate_after", "merge",
+                                         "export"]
 
 
 def test_a_stage_placed_nowhere_is_refused_naming_its_plugin(register_plugin, write_experiment, capsys):

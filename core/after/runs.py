@@ -99,9 +99,19 @@ def row(folder: Path) -> RunRow:
         steps=summary.get("steps"), metric=metric, final=final, best=best,
         tokens_s=summary.get("train_tokens_per_s"), vram=summary.get("peak_vram_gib"),
         preference={k: after[k] for k in PREFERENCE if isinstance(after.get(k), (int, float))},
-        results={f"{stage}.{k}": v for stage, values in (summary.get("results") or {}).items()
-                 for k, v in values.items() if _measure(v)},
+        results={**general(summary), **{f"{stage}.{k}": v for stage, values in (summary.get("results") or {}).items()
+                                         for k, v in values.items() if _measure(v)}},
     )
+
+
+def general(summary: dict[str, Any]) -> dict[str, float]:
+    """The benchmark stage's general score after training (else before) and its drop: ``fx runs`` columns."""
+    bench = summary.get("benchmark") or {}
+    score = bench.get("general_after") if bench.get("general_after") is not None else bench.get("general_before")
+    out = {"general": score} if score is not None else {}
+    if bench.get("drop") is not None:
+        out["general.drop"] = bench["drop"]
+    return out
 
 
 def collect(directory: Path, sort: str = "date", reverse: bool = False) -> list[RunRow]:

@@ -53,6 +53,27 @@ class GenerateSettings(Settings):
     max_new_tokens: int = Field(64, ge=1, le=4096)
 
 
+class BenchmarkSettings(Settings):
+    """General ability before and after training through lm-evaluation-harness (the ``fx[eval]`` extra): ``tasks``
+    (default fx's own probe, ``fx_probe``, which needs no download), ``limit`` items per task (a fraction below 1;
+    none: every item), ``chat``: prompt the tasks in the run's template (default: fx's probe yes, the harness's tasks
+    no), ``max_drop``: the general score (the tasks' mean) may fall by this much; more marks the run."""
+
+    enabled: bool = False
+    tasks: list[str] = Field(default_factory=lambda: ["fx_probe"], min_length=1, max_length=64)
+    limit: float | None = Field(None, gt=0, le=10**7)
+    chat: bool | None = None
+    batch_size: int = Field(16, ge=1, le=1024)
+    max_drop: float | None = Field(None, ge=0, le=1)
+
+    @field_validator("limit")
+    @classmethod
+    def _count_or_fraction(cls, value: float | None) -> float | None:
+        if value is not None and value >= 1 and value != int(value):
+            raise ValueError("a number of items (1 or more, whole) or a fraction below 1")
+        return int(value) if value is not None and value >= 1 else value
+
+
 class MergeSettings(Settings):
     """Merge the adapter into its base and save a plain transformers model in ``merged/``, checked against the
     adapter on the held-out rows. ``base``: ``trained``, what the adapter was trained against (QLoRA: the 4-bit
@@ -113,6 +134,7 @@ class BudgetSettings(Settings):
 class StagesSettings(Settings):
     evaluate: EvaluateSettings = EvaluateSettings()
     generate: GenerateSettings = GenerateSettings()
+    benchmark: BenchmarkSettings = BenchmarkSettings()
     merge: MergeSettings = MergeSettings()
     export: ExportSettings = ExportSettings()
 

@@ -67,6 +67,29 @@ class Samples(_Strict):
     after: list[str] | None = Field(None, description="answers after training (generate_after)")
 
 
+class TaskScore(_Strict):
+    """One lm-evaluation-harness task's (or group's) score."""
+
+    metric: str = Field(description="the harness's metric, e.g. acc")
+    score: float = Field(description="its value")
+    stderr: float | None = Field(None, description="its standard error, as the harness computes it")
+    n: int | None = Field(None, description="the items scored")
+
+
+class BenchmarkRecord(_Strict):
+    """General ability before and after training (the benchmark stage, fx.harness)."""
+
+    tasks: list[str] = Field(description="the harness tasks, in [stages.benchmark] order")
+    limit: float | None = Field(None, description="items per task (a fraction below 1); null: every item")
+    before: dict[str, TaskScore] | None = Field(None, description="each task's score before training")
+    after: dict[str, TaskScore] | None = Field(None, description="each task's score after training")
+    general_before: float | None = Field(None, description="the mean of the tasks' scores before training")
+    general_after: float | None = Field(None, description="the mean of the tasks' scores after training")
+    drop: float | None = Field(None, description="general_before - general_after (positive: ability lost)")
+    max_drop: float | None = Field(None, description="[stages.benchmark] max_drop, the drop the run may have")
+    over: bool | None = Field(None, description="whether the drop exceeds max_drop (the run is marked)")
+
+
 class RunSummary(_Strict):
     """``summary.json``. Unknown fields are refused; a field the run has not measured (yet) is null."""
 
@@ -98,6 +121,7 @@ class RunSummary(_Strict):
     eval_before: Metrics | None = Field(None, description="held-out measurements before training")
     eval_after: Metrics | None = Field(None, description="held-out measurements after training")
     samples: Samples | None = None
+    benchmark: BenchmarkRecord | None = None
     adapter_heldout: dict[str, Any] | None = Field(
         None, description="the trained adapter model measured as fx.after.fidelity measures a merged or exported one "
                           "(answers included), reused by every later merge and export check")

@@ -24,6 +24,7 @@ from fx.files import write_atomic
 from fx.run.directory import peak_rss_gib
 from fx.run.record import Samples
 from fx.stages.base import Stage
+from fx.stages.benchmark import Benchmark
 from fx.training import contract, distributed, oom
 from fx.training.method import Session
 
@@ -277,5 +278,5 @@ class Export(Own):
         return result
 
 
-BUILTIN: tuple[Stage, ...] = (Load(), Evaluate("before"), Generate("before"), Train(), Save(), Evaluate("after"),
-                              Generate("after"), Merge(), Export())
+BUILTIN: tuple[Stage, ...] = (Load(), Evaluate("before"), Benchmark("before"), Generate("before"), Train(), Save(),
+                              Evaluate("after"), Benchmark("after"), Generate("after"), Merge(), Export())

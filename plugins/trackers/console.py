@@ -105,6 +105,19 @@ class ConsoleTracker(Tracker):
         before, after = summary.get("eval_before") or {}, summary.get("eval_after") or {}
         for key in [k for k in {**before, **after} if not k.endswith(("_hits", "_total"))]:
             table.add_row(f"held-out {key}", _fmt(before.get(key)), _fmt(after.get(key)))
+        bench = summary.get("benchmark") or {}
+        for task in bench.get("tasks", []):
+            scores = [(bench.get(w) or {}).get(task) for w in ("before", "after")]
+            if any(scores):
+                metric = next(s for s in scores if s)["metric"]
+                table.add_row(f"{task} {metric}", *(_score(s) for s in scores))
+        if len(bench.get("tasks", [])) > 1:
+            table.add_row("general", _fmt(bench.get("general_before")), _fmt(bench.get("general_after")))
+        if bench.get("drop") is not None:
+            before = bench.get("general_before")
+            share = f" ({bench['drop'] / before:.0%})" if before else ""
+            table.add_row("general drop", "", f"{bench['drop']:.3f}{share}" + (
+                f" > max_drop {bench['max_drop']:g}" if bench.get("over") else ""))
         for key in ("steps", "train_loss", "train_tokens_per_s", "wall_s", "peak_vram_gib", "peak_rss_gib"):
             if summary.get(key) is not None:
                 table.add_row(key, "", _fmt(summary[key]))
@@ -117,6 +130,13 @@ def _duration(seconds: float) -> str:
         return f"{seconds:.1f} s"
     minutes = int(seconds // 60)
     return f"{minutes} min {int(seconds % 60):02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def _score(score) -> str:
+    """``0.433 ± 0.022``: a harness score with its standard error."""
+    if not score:
+        return "-"
+    return f"{score['score']:.3f}" + (f" ± {score['stderr']:.3f}" if score.get("stderr") is not None else "")
 
 
 def _fmt(value) -> str:
