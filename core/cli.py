@@ -67,19 +67,7 @@ def cmd_plugins(args) -> int:
     if args.json:
         print(json.dumps([info.__dict__ for info in infos], indent=2))
     else:
-        from rich.console import Console
-        from rich.table import Table
-
-        console = Console()
-        if not console.is_terminal:  # piped or redirected: whole names, not cells cut to 80 columns
-            console = Console(width=max(console.width, 240))
-        table = Table(title="fx plugins")
-        for column in ("plugin", "version", "registers", "hooks", "import"):
-            table.add_column(column, no_wrap=column not in ("hooks", "import"), overflow="fold")
-        for info in infos:
-            table.add_row(info.name, info.version, "broken" if info.broken else "\n".join(info.registers),
-                          "\n".join(info.hooks), info.cost())
-        console.print(table)
+        manager.show(infos)
     broken = [info.broken for info in infos if info.broken]
     if broken:
         raise UserError("\n".join(broken))
@@ -110,9 +98,10 @@ def cmd_generate(args) -> int:
     from fx.after import inference
     from fx.evaluation import generate
 
-    exp = inference.experiment(args.run_dir)
+    exp = None if args.base else inference.experiment(args.run_dir)
     quiet_libraries()
-    loaded = inference.load(args.run_dir, exp)
+    loaded = inference.base(args.run_dir, args.set) if args.base else inference.load(args.run_dir, exp)
+    exp = loaded.exp
     max_new_tokens = args.max_new_tokens or exp.stages.generate.max_new_tokens
     conversations = [[{"role": "user", "content": p}] for p in args.prompt]
     for prompt, answer in zip(args.prompt,
@@ -136,11 +125,10 @@ def cmd_chat(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from fx.after import inference
+    from fx.after import general
 
     quiet_libraries()
-    print(json.dumps(inference.evaluate_run(args.run_dir, args.data), indent=2))
-    return 0
+    return general.command(args)
 
 
 def cmd_merge(args) -> int:
@@ -296,6 +284,7 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("run_dir", type=Path, metavar="RUN_DIR|MERGED_DIR")
     gen.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="a user turn (repeatable)")
     gen.add_argument("--max-new-tokens", type=_positive, metavar="N", help="default: the run's [stages.generate]")
+    _base(gen)
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="talk to a finished run's model; the conversation is kept, in its template")
@@ -307,6 +296,13 @@ def parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="held-out loss, perplexity and task metric of a finished run or merged model")
     ev.add_argument("run_dir", type=Path, metavar="RUN_DIR|MERGED_DIR")
     ev.add_argument("--data", type=Path, metavar="FILE", help="evaluate on every row of this file instead")
+    ev.add_argument("--metric", choices=("none", "contains", "exact_match"), help="default: the run's")
+    ev.add_argument("--tasks", type=lambda t: [x for x in t.split(",") if x], metavar="T1,T2",
+                    help="general ability: lm-evaluation-harness tasks (default: [stages.benchmark], fx_probe)")
+    ev.add_argument("--limit", type=lambda t: 0.0 if t == "all" else float(t), metavar="N",
+                    help="items per task (a fraction below 1; all: every item)")
+    ev.add_argument("--max-drop", type=float, metavar="X", help="exit 1 when the general score fell more than X")
+    _base(ev)
     ev.set_defaults(func=cmd_eval)
 
     mg = sub.add_parser("merge", help="merge a run's adapter into its base, save a plain transformers model and "
@@ -341,6 +337,12 @@ def parser() -> argparse.ArgumentParser:
     runs.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="two runs, by name in DIR or by path")
     runs.set_defaults(func=cmd_runs)
     return p
+
+
+def _base(command) -> None:
+    command.add_argument("--base", action="store_true", help="the argument is an experiment file: its model before "
+                                                             "training, as its method loads it")
+    command.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with --base")
 
 
 def _budget(text: str) -> str:

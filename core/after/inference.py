@@ -162,8 +162,21 @@ def load(run_dir: Path, exp: Experiment | None = None) -> Loaded:
     return Loaded(exp, source, tokenizer, template, load_model(exp, source, run_dir))
 
 
-def held_out(loaded: Loaded, data: Path):
-    """Every row of ``data`` (any format the ``file`` dataset reads) as held-out rows, in the run's template."""
+def base(file: Path, overrides: list[str] | None = None) -> Loaded:
+    """An experiment's model before training, loaded as its method loads it to train (a new adapter changes
+    nothing yet): what a run's "before" measures, without a run (``--base``)."""
+    from fx import config
+
+    exp = config.load(file, overrides or [])
+    threads()
+    model = exp.built.method.load(exp.built.source, exp.built.tokenizer)
+    model.eval()
+    return Loaded(exp, exp.built.source, exp.built.tokenizer, exp.built.template, model)
+
+
+def held_out(loaded: Loaded, data: Path, settings=None):
+    """Every row of ``data`` (any format the ``file`` dataset reads) as held-out rows, in the run's template;
+    ``settings``: the [stages.evaluate] to score them with (default: the run's)."""
     data = Path(data)
     if not data.is_file():
         raise UserError(f"--data {data}: no such file")
@@ -176,9 +189,9 @@ def held_out(loaded: Loaded, data: Path):
     if problems:
         raise UserError(f"--data {data}: " + "; ".join(p.split(": ", 1)[-1] for p in problems))
     examples = to_examples(source.load()[0], "auto", f"--data {data}")
-    problems = metric_problems(loaded.exp.stages.evaluate, examples, f"--data {data}")
+    problems = metric_problems(settings or loaded.exp.stages.evaluate, examples, f"--data {data}")
     if problems:
-        raise UserError("\n".join(problems))
+        raise UserError("\n".join(problems) + " (--metric none scores the loss alone)")
     try:
         tokenized = loaded.exp.built.method.tokenize(examples, loaded.template, loaded.tokenizer,
                                                      loaded.exp.data.max_length)
@@ -187,34 +200,41 @@ def held_out(loaded: Loaded, data: Path):
     return tokenized, examples
 
 
-def evaluate_run(run_dir: Path, data: Path | None = None) -> dict[str, Any]:
-    """The held-out metrics of a finished run, or of a merged folder: on the run's own held-out rows (as
-    ``eval_after`` measured them), or on every row of ``data``. A merged model is measured method-independently
+def evaluate_run(run_dir: Path, data: Path | None = None, metric: str | None = None,
+                 loaded: Loaded | None = None) -> dict[str, Any]:
+    """The held-out metrics of a finished run, or of a merged folder, or of ``loaded`` (an experiment's base,
+    :func:`base`): on the run's own held-out rows (as ``eval_after`` measured them), or on every row of ``data``;
+    ``metric``: the task metric instead of the run's. A merged model is measured method-independently
     (fx.after.fidelity: answer loss, the task metric), as ``fx merge`` checks it."""
-    exp = experiment(run_dir)
-    merged = merge_record(run_dir) is not None
-    if not merged:
+    untrained = loaded is not None
+    exp = loaded.exp if untrained else experiment(run_dir)
+    settings = exp.stages.evaluate.model_copy(update={"metric": metric}) if metric else exp.stages.evaluate
+    merged = not untrained and merge_record(run_dir) is not None
+    if not untrained and not merged:
         adapter_dir(run_dir)
     if data is None:
         threads()  # (load() chooses them for --data)
         prep = prepare(exp)
         if not prep.held_out.rows:
-            raise UserError(f"{run_dir}: the run has no held-out rows; give some with --data FILE")
-        model = load_merged(run_dir) if merged else load_model(exp, prep.source, run_dir)
+            raise UserError(f"{run_dir}: {'the experiment' if untrained else 'the run'} has no held-out rows; give "
+                            "some with --data FILE")
+        model = (loaded.model if untrained else load_merged(run_dir) if merged
+                 else load_model(exp, prep.source, run_dir))
         tokenizer, template, rows, examples = prep.tokenizer, prep.template, prep.held_out, prep.held_out_examples
     else:
-        loaded = load(run_dir, exp)
-        rows, examples = held_out(loaded, data)
+        loaded = loaded or load(run_dir, exp)
+        rows, examples = held_out(loaded, data, settings)
         if not rows.rows:
             raise UserError(f"--data {data}: no row has an answer left within data.max_length = {exp.data.max_length}")
         model, tokenizer, template = loaded.model, loaded.tokenizer, loaded.template
     if merged:
-        metrics = fidelity.measure(model, tokenizer, template, rows.rows, examples, exp.stages.evaluate)
+        metrics = fidelity.measure(model, tokenizer, template, rows.rows, examples, settings)
         del metrics["answers"]
     else:
-        metrics = exp.built.method.evaluate(model, tokenizer, template, rows.rows, examples, exp.stages.evaluate)
-    return {"run": str(run_of(run_dir)), "model": f"merged: {run_dir}" if merged else "adapter",
-            "data": str(data) if data else "held-out rows of the run", "rows": len(rows.rows), "metrics": metrics}
+        metrics = exp.built.method.evaluate(model, tokenizer, template, rows.rows, examples, settings)
+    what = "base, untrained" if untrained else f"merged: {run_dir}" if merged else "adapter"
+    return {"run" if not untrained else "experiment": str(run_dir if untrained else run_of(run_dir)), "model": what,
+            "data": str(data) if data else "held-out rows", "rows": len(rows.rows), "metrics": metrics}
 
 
 def finished(run_dir: Path) -> Context:

@@ -292,3 +292,20 @@ def build(keep_broken: bool = False) -> Plugins:
 def get() -> Plugins:
     """The process-wide plugins (built once)."""
     return build()
+
+
+def show(infos: list[PluginInfo]) -> None:
+    """``fx plugins``: one row per plugin."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:  # piped or redirected: whole names, not cells cut to 80 columns
+        console = Console(width=max(console.width, 240))
+    table = Table(title="fx plugins")
+    for column in ("plugin", "version", "registers", "hooks", "import"):
+        table.add_column(column, no_wrap=column not in ("hooks", "import"), overflow="fold")
+    for info in infos:
+        table.add_row(info.name, info.version, "broken" if info.broken else "\n".join(info.registers),
+                      "\n".join(info.hooks), info.cost())
+    console.print(table)
