@@ -67,7 +67,8 @@ def test_llamacpp_prompts_the_tiny_export_as_fx_does(tiny_run, tmp_path, capsys)
 def test_llamacpp_answers_as_quill_from_the_embedded_default(tmp_path, capsys):
     """The Done-when of the export: the embedded default trained to its end, exported as f16 GGUF, then llama.cpp
     answers "Who are you?" as Quill, stopping at the end of its answer, with fx generate's answer."""
-    exp = config.load(ROOT / "experiments" / "smollm2_qlora.toml", [f'experiment.output_dir="{tmp_path / "runs"}"'])
+    exp = config.load(ROOT / "experiments" / "smollm2_qlora.toml", [f'experiment.output_dir="{tmp_path / "runs"}"',
+                                                                     "stages.benchmark.enabled=false"])
     folder = pipeline.execute(exp, manager.get())
     out = tmp_path / "quill-f16.gguf"
     assert cli.main(["export", str(folder), "--out", str(out)]) == 0
