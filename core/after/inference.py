@@ -218,6 +218,9 @@ def evaluate_run(run_dir: Path, data: Path | None = None, metric: str | None = N
         if not prep.held_out.rows:
             raise UserError(f"{run_dir}: {'the experiment' if untrained else 'the run'} has no held-out rows; give "
                             "some with --data FILE")
+        problems = metric_problems(settings, prep.held_out_examples, f"{run_dir}: held-out rows")
+        if problems:
+            raise UserError("\n".join(problems))
         model = (loaded.model if untrained else load_merged(run_dir) if merged
                  else load_model(exp, prep.source, run_dir))
         tokenizer, template, rows, examples = prep.tokenizer, prep.template, prep.held_out, prep.held_out_examples
