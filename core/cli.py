@@ -193,32 +193,22 @@ def cmd_plan(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from fx import config
-    from fx.bench import compare, measure
-    from fx.run import launch
-    from fx.training.budget import use_expandable_segments
+    from fx.bench.command import command
 
-    use_expandable_segments()
-    if args.compare and args.file is None and args.result is None:
-        raise UserError("--compare needs an experiment file to run or --result with a result to compare")
-    if args.result is not None:
-        result = compare.read_result(args.result)
-    else:
-        exp = config.load(args.file, args.set)
-        if (launched := launch.start(exp, args.gpus, args.argv)) is not None:
-            return launched
-        quiet_libraries()
-        result = launch.as_rank(exp, lambda: measure.run(exp, steps=args.steps, warmup=args.warmup,
-                                                         reference=args.reference, profile=args.profile))
-        if launch.rank() != 0:
-            return 0
-        compare.report(result)
-        if args.out:
-            compare.write_result(args.out, result)
-            print(f"result written to {args.out}")
-    if args.compare:
-        return compare.compare(compare.read_result(args.compare), result, args.tolerance)
-    return 0
+    return command(args)
+
+
+def cmd_sweep(args) -> int:
+    from fx.sweep.command import command
+
+    quiet_libraries()
+    return command(args)
+
+
+def cmd_report(args) -> int:
+    from fx.sweep.report import command
+
+    return command(args)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -336,6 +326,17 @@ def parser() -> argparse.ArgumentParser:
     runs.add_argument("--reverse", action="store_true", help="sort in descending order")
     runs.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="two runs, by name in DIR or by path")
     runs.set_defaults(func=cmd_runs)
+
+    sweep = sub.add_parser("sweep", help="run the points of a sweep file ([sweep]: grid, random or optuna), each a run")
+    sweep.add_argument("file", type=Path, nargs="?")
+    sweep.add_argument("--resume", type=Path, metavar="SWEEP_DIR", help="go on with a stopped sweep")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="for every point")
+    sweep.set_defaults(func=cmd_sweep)
+
+    report = sub.add_parser("report", help="one static HTML page comparing runs or a sweep's points")
+    report.add_argument("paths", type=Path, nargs="+", metavar="RUN|SWEEP_DIR|DIR")
+    report.add_argument("--out", type=Path, metavar="HTML", help="default: report.html in the sweep or run folder")
+    report.set_defaults(func=cmd_report)
     return p
 
 

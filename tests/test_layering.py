@@ -23,7 +23,7 @@ LAYERS = [
     ("fx.run",),
     ("fx.after",),
     ("fx.stages",),
-    ("fx.pipeline", "fx.bench"),
+    ("fx.pipeline", "fx.bench", "fx.sweep"),
     ("fx.cli",),
 ]
 MAX_LINES = 400

@@ -46,8 +46,9 @@ PLUGIN_SECTIONS = {
     "template": ("name", "templates"),
     "method": ("name", "methods"),
 }
+# [sweep] belongs to fx sweep (fx.sweep validates it); fx run on a sweep file runs its base experiment
 SECTIONS = ("experiment", "model", "data", "template", "method", "trackers", "stages", "checkpoints", "budget",
-            "distributed")
+            "distributed", "sweep")
 BARE = re.compile(r"^[A-Za-z0-9_-]+$")  # a TOML key that needs no quotes
 
 
