@@ -206,3 +206,34 @@ def test_a_report_of_one_run(train_tiny, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "the runs' configs are the same" in out.read_text() and "<svg" in out.read_text()
     assert fx("report", str(tmp_path / "nothing")).returncode == 2
+
+
+def test_each_free_gpu_gets_a_point_not_yet_running(tmp_path):
+    """With several GPUs, the next point is one that no GPU runs yet (a point left running by a dead sweep too)."""
+    from fx.sweep.plan import SweepSettings
+    from fx.sweep.run import Point, Sweep, _next
+
+    settings = SweepSettings(parameters={"method.lora.r": [4, 8, 16]})
+    sweep = Sweep(tmp_path, tmp_path / "s.toml", [], settings, "s",
+                  [Point(0, {"method.lora.r": 4}, "running"), Point(1, {"method.lora.r": 8}, "running"),
+                   Point(2, {"method.lora.r": 16})])
+    assert _next(sweep, None, {0}).index == 1  # point 1 ran when an earlier sweep died: resumed first
+    assert _next(sweep, None, {0, 1}).index == 2
+    assert _next(sweep, None, {0, 1, 2}) is None
+
+
+def test_the_shipped_sweeps_check_clean_and_a_list_sweep_takes_its_points_as_they_are(tmp_path):
+    from conftest import ROOT
+    from fx.errors import ConfigError
+    from fx.sweep import plan
+
+    for name in ("templates", "methods"):
+        path = ROOT / "experiments" / "sweeps" / f"{name}.toml"
+        _, settings = plan.read(path)
+        assert plan.check(path, settings, []) == []
+    _, methods = plan.read(ROOT / "experiments" / "sweeps" / "methods.toml")
+    assert [p["method.name"] for p in plan.points(methods)] == ["qlora_sft", "dpo", "orpo"]
+    assert methods.keys()[:2] == ["method.name", "data.path"]
+    with pytest.raises(ConfigError, match="belong to grid, random or optuna"):
+        plan.settings_of({"sweep": {"strategy": "list", "points": [{"method.name": "dpo"}],
+                                    "template.name": ["llama2"]}}, tmp_path / "s.toml")

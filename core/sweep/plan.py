@@ -44,7 +44,9 @@ class SweepSettings(Settings):
     file in the sweep folder) and ``seed``."""
 
     parameters: dict[str, list[Any] | Range] = Field(default_factory=dict)
-    strategy: Literal["grid", "random", "optuna"] = "grid"
+    strategy: Literal["grid", "random", "optuna", "list"] = "grid"
+    # strategy "list": the points themselves, each its own keys (a method with its own settings, its own data)
+    points: list[dict[str, Any]] = Field(default_factory=list, max_length=10_000)
     count: int | None = Field(None, ge=1, le=100_000)
     metric: str = Field("eval_after.loss", min_length=1)
     direction: Literal["minimize", "maximize"] | None = None
@@ -53,6 +55,10 @@ class SweepSettings(Settings):
     storage: str | None = None
     study: str | None = None
     seed: int = 0
+
+    def keys(self) -> list[str]:
+        """The swept keys: the parameters', or every key a listed point sets."""
+        return list(self.parameters) or list(dict.fromkeys(k for point in self.points for k in point))
 
     def goal(self) -> str:
         if self.direction is not None:
@@ -76,7 +82,13 @@ def settings_of(raw: dict[str, Any], path: Path) -> SweepSettings:
         raise ConfigError([f"{path}: sweep.{'.'.join(map(str, e['loc']))}: "
                            f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}"
                            for e in exc.errors()]) from None
-    if not settings.parameters:
+    if settings.strategy == "list":
+        if not settings.points or not all(settings.points):
+            problems.append("sweep: strategy \"list\" needs points, each setting at least one key")
+        if settings.parameters:
+            problems.append("sweep: strategy \"list\" takes its points as they are; the parameters "
+                            f"{', '.join(settings.parameters)} belong to grid, random or optuna")
+    elif not settings.parameters:
         problems.append("sweep: no parameters to vary")
     for key, values in settings.parameters.items():
         if isinstance(values, list) and not values:
@@ -84,7 +96,7 @@ def settings_of(raw: dict[str, Any], path: Path) -> SweepSettings:
         if isinstance(values, Range) and settings.strategy == "grid":
             problems.append(f"sweep.parameters.{key}: a range can't be gridded; give a list of values, or use "
                             "strategy = \"random\" or \"optuna\"")
-    if settings.strategy != "grid" and settings.count is None and settings.max_points is None:
+    if settings.strategy in ("random", "optuna") and settings.count is None and settings.max_points is None:
         problems.append(f"sweep: strategy {settings.strategy!r} needs count (how many points to draw)")
     if problems:
         raise ConfigError([f"{path}: {p}" for p in problems])
@@ -115,6 +127,8 @@ def points(settings: SweepSettings) -> list[dict[str, Any]]:
     """The points grid and random run, in order, up to ``max_points`` (optuna asks its study instead)."""
     if settings.strategy == "grid":
         found = grid(settings)
+    elif settings.strategy == "list":
+        found = [dict(point) for point in settings.points]
     else:
         rng = random.Random(settings.seed)
         found = [draw(settings, rng) for _ in range(settings.count or settings.max_points or 0)]
@@ -129,7 +143,7 @@ def overrides(point: dict[str, Any]) -> list[str]:
 def representatives(settings: SweepSettings) -> list[dict[str, Any]]:
     """Points that between them hold every listed value and each range's ends: what is checked before a random or
     optuna sweep starts (every point, for a grid)."""
-    if settings.strategy == "grid":
+    if settings.strategy in ("grid", "list"):
         return points(settings)
     first = {k: (v[0] if isinstance(v, list) else (round(v.low) if v.integer else v.low))
              for k, v in settings.parameters.items()}

@@ -130,7 +130,7 @@ def key_figures(entries: list[Entry], sweep, metric: str) -> str:
     import matplotlib.pyplot as plt
 
     out = []
-    for key in sweep.settings.parameters:
+    for key in sweep.settings.keys():
         points = [(e.values.get(key), sweeps.metric_of(e.summary, metric)) for e in entries]
         points = [(x, y) for x, y in points if y is not None]
         if not points:
@@ -260,7 +260,8 @@ def command(args) -> int:
 
     entries, sweep = collect(args.paths)
     first = args.paths[0]
-    out = args.out or (Path(first) / "report.html" if Path(first).is_dir() else Path("report.html"))
+    # one sweep, run or folder: its report.html; several: report.html here
+    out = args.out or (Path(first) / "report.html" if len(args.paths) == 1 else Path("report.html"))
     write_atomic(out, render(entries, sweep))
     print(f"report: {out} ({len(entries)} run(s))", file=sys.stdout)
     return 0

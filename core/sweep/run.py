@@ -21,6 +21,7 @@ from fx import config
 from fx.errors import Interrupted, UserError
 from fx.files import write_atomic
 from fx.run.directory import RunDir
+from fx.run.record import alive
 from fx.sweep import plan
 from fx.sweep.plan import SweepSettings
 
@@ -204,9 +205,10 @@ def _finish(sweep: Sweep, point: Point, code: int, the_study) -> None:
     print(f"fx sweep: point {point.index} {point.status}: {shown} ({point.run or 'no run folder'})", flush=True)
 
 
-def _next(sweep: Sweep, the_study) -> Point | None:
+def _next(sweep: Sweep, the_study, active: set[int]) -> Point | None:
     for point in sweep.points:
-        if point.status in ("pending", "interrupted", "running"):  # running: a sweep that died with it
+        # running and not started here: the point of a sweep that died while it ran
+        if point.status in ("pending", "interrupted", "running") and point.index not in active:
             return point
     settings = sweep.settings
     if the_study is None:
@@ -220,6 +222,16 @@ def _next(sweep: Sweep, the_study) -> Point | None:
     return point
 
 
+def _last_segment(folder: Path):
+    try:
+        summary = RunDir(folder).read_summary()
+    except UserError:
+        return None
+    if summary is None or summary.status != "running" or not summary.segments:
+        return None
+    return summary.segments[-1]
+
+
 def slots() -> list[int | None]:
     """One point at a time per local GPU; one at a time on a CPU."""
     import torch
@@ -231,6 +243,12 @@ def slots() -> list[int | None]:
 def execute(sweep: Sweep) -> Sweep:
     """Run the sweep's points to its end or budget; Ctrl-C (or SIGTERM) stops every running point after its
     checkpoint and ends with :class:`Interrupted` naming ``fx sweep --resume``."""
+    for point in sweep.points:  # a sweep killed outright leaves its points' processes running on their own
+        folder = run_folder(sweep, point) if point.status == "running" else None
+        last = _last_segment(folder) if folder is not None else None
+        if last is not None and alive(last.host, last.pid):
+            raise UserError(f"point {point.index}'s run still runs (process {last.pid}): {folder}; let it end or "
+                            "stop it, then resume the sweep")
     the_study = study(sweep) if sweep.settings.strategy == "optuna" else None
     free, running = slots(), {}
     began, before = time.monotonic(), sweep.wall_s
@@ -241,8 +259,8 @@ def execute(sweep: Sweep) -> Sweep:
                 if sweep.settings.max_minutes and before + time.monotonic() - began >= sweep.settings.max_minutes * 60:
                     sweep.stopped = f"max_minutes {sweep.settings.max_minutes:g} reached"
                     break
-                point = _next(sweep, the_study)
-                if point is None or any(p is point for p, _ in running.values()):
+                point = _next(sweep, the_study, {p.index for p, _ in running.values()})
+                if point is None:
                     break
                 gpu = free.pop(0)
                 running[gpu] = (point, _start(sweep, point, gpu))
