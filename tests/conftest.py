@@ -232,6 +232,22 @@ def register_plugin(monkeypatch):
 
 
 @pytest.fixture
+def register_stage(register_plugin):
+    """``register_stage(name, cls, plugin_name)``: an inline plugin that registers one stage (``fx_register_stages``)
+    for one test; the plugins built with it."""
+
+    def register(name: str, cls, plugin_name: str) -> manager.Plugins:
+        class OneStage:
+            @fx.hookimpl
+            def fx_register_stages(self, register):
+                register(name, cls)
+
+        return register_plugin(OneStage(), plugin_name)
+
+    return register
+
+
+@pytest.fixture
 def hungry_method(register_plugin):
     """A method named ``hungry`` whose trainer runs out of GPU memory as CUDA reports it (simulated on the CPU)."""
 

@@ -148,7 +148,7 @@ def test_a_closed_output_never_stops_a_run(write_experiment, tmp_path):
     assert summary["status"] == "completed" and summary["steps"] == 12 and summary["eval_after"]
 
 
-def test_a_third_party_stage_check_refuses_before_the_run_folder(register_plugin, write_experiment, tmp_path):
+def test_a_third_party_stage_check_refuses_before_the_run_folder(register_stage, write_experiment, tmp_path):
     """Stage.check() is every stage's: a plugin stage that can't run in this experiment says so before training."""
     import fx
 
@@ -161,12 +161,7 @@ def test_a_third_party_stage_check_refuses_before_the_run_folder(register_plugin
         def run(self, ctx):
             return {}
 
-    class Plugin:
-        @fx.hookimpl
-        def fx_register_stages(self, register):
-            register("needs_gpu", NeedsGpu)
-
-    plugins = register_plugin(Plugin(), "needs-gpu")
+    plugins = register_stage("needs_gpu", NeedsGpu, "needs-gpu")
     path = write_experiment(TINY_EXPERIMENT, TINY_ROWS)
     with pytest.raises(fx.UserError, match="stages.needs_gpu: this stage needs a CUDA GPU"):
         pipeline.execute(config.load(path), plugins)

@@ -132,19 +132,14 @@ def test_the_docs_table_of_stages_is_generated_from_the_declared_list():
                                          "export"]
 
 
-def test_a_stage_placed_nowhere_is_refused_naming_its_plugin(register_plugin, write_experiment, capsys):
+def test_a_stage_placed_nowhere_is_refused_naming_its_plugin(register_stage, write_experiment, capsys):
     class Lost(fx.Stage):
         after = "evaluate_later"
 
         def run(self, ctx):
             return {}
 
-    class Plugin:
-        @fx.hookimpl
-        def fx_register_stages(self, register):
-            register("lost", Lost)
-
-    register_plugin(Plugin(), "lost-stage")
+    register_stage("lost", Lost, "lost-stage")
     exp = config.load(write_experiment(TINY_EXPERIMENT, TINY_ROWS))
     with pytest.raises(PluginError, match="plugin 'lost-stage' places stage 'lost' after 'evaluate_later', which is "
                                           "no stage"):
@@ -181,16 +176,11 @@ def test_a_wrapper_sees_every_stage_and_a_tryfirst_implementation_runs_one_its_w
     assert not (folder / "samples.md").exists()
 
 
-def test_a_stage_without_run_is_refused_naming_its_plugin(register_plugin, write_experiment):
+def test_a_stage_without_run_is_refused_naming_its_plugin(register_stage, write_experiment):
     class Idle(fx.Stage):
         after = "train"
 
-    class Plugin:
-        @fx.hookimpl
-        def fx_register_stages(self, register):
-            register("idle", Idle)
-
-    register_plugin(Plugin(), "idle-stage")
+    register_stage("idle", Idle, "idle-stage")
     exp = config.load(write_experiment(TINY_EXPERIMENT, TINY_ROWS))
     with pytest.raises(PluginError, match="plugin 'idle-stage' registered stage 'idle', which can't be made: .*run"):
         declared(exp)

@@ -16,10 +16,7 @@ from fx.run.directory import RunDir
 
 def before_of(run_dir: Path, tasks: list[str], limit: float | None) -> float | None:
     """The run's general score before training, when its benchmark stage measured the same tasks and items."""
-    try:
-        summary = RunDir(inference.run_of(run_dir)).read_summary()
-    except UserError:
-        return None
+    summary = RunDir(inference.run_of(run_dir)).summary_if_readable()
     bench = summary.benchmark if summary is not None else None
     if bench is None or bench.tasks != tasks or bench.limit != limit:
         return None
@@ -38,9 +35,6 @@ def benchmark(path: Path, tasks: list[str] | None, limit: float | None, max_drop
     limit = settings.limit if limit is None else None if limit == 0 else limit  # 0: every item (--limit all)
     if limit is not None and limit >= 1:
         limit = int(limit)
-    problems = harness.unknown(tasks)
-    if problems:
-        raise UserError("--tasks: " + "; ".join(problems))
     scores = harness.evaluate(loaded.model, loaded.tokenizer, loaded.template, tasks, limit, settings.chat,
                               settings.batch_size, loaded.exp.experiment.seed)
     out: dict[str, Any] = {"model": "base, untrained" if untrained else str(path), "limit": limit, "tasks": scores,

@@ -130,6 +130,9 @@ def evaluate(model, tokenizer, template, tasks: list[str], limit: float | None =
     from lm_eval import evaluator
 
     manager = task_manager(tasks)
+    problems = unknown(tasks, manager)
+    if problems:
+        raise UserError("tasks: " + "; ".join(problems))
     lm = _lm(model, tokenizer, template, batch_size)
     out: dict[str, dict[str, Any]] = {}
     for in_chat in (True, False):

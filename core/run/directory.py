@@ -99,6 +99,14 @@ class RunDir:
                             "it") from None
         return parse_summary(data, self.summary)
 
+    def summary_if_readable(self) -> RunSummary | None:
+        """The summary, or None when there is none or it is damaged: for a reader that only looks (a launcher, a
+        sweep) and leaves saying what is damaged to the commands that use the run."""
+        try:
+            return self.read_summary()
+        except UserError:
+            return None
+
     def read_history(self) -> History:
         """Every logged step and evaluation, in order (fx.run.record)."""
         return read_history(self.history, legacy=self.metrics)

@@ -167,20 +167,14 @@ def _report(notes: Path, codes: dict[Any, int], ranks: int) -> int:
 
 
 def _completed(run: Path) -> bool:
-    try:
-        summary = RunDir(run).read_summary()
-    except UserError:
-        return False
+    summary = RunDir(run).summary_if_readable()
     return summary is not None and summary.status == "completed"
 
 
 def _record(run: Path, rank: int, status: str, message: str) -> None:
     """The run's summary says what ended it (the launcher writes it once every rank has stopped)."""
     folder = RunDir(run)
-    try:
-        summary = folder.read_summary()
-    except UserError:  # damaged: what ended the ranks is printed all the same
-        return
+    summary = folder.summary_if_readable()  # damaged: what ended the ranks is printed all the same
     if summary is not None:
         summary.status, summary.error, summary.failed_rank = status, message[:2000], rank
         folder.write_summary(summary.to_dict())

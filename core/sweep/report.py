@@ -214,12 +214,11 @@ def _fmt(v: Any) -> str:
 
 
 def _change(before: Any, after: Any) -> str | None:
-    fmt = _fmt
     if before is None and after is None:
         return None
     if before is None or after is None:
-        return fmt(after if after is not None else before)
-    return f"{fmt(before)} → {fmt(after)}"
+        return _fmt(after if after is not None else before)
+    return f"{_fmt(before)} → {_fmt(after)}"
 
 
 def _table(head: list[str], rows: list[list[Any]], entries: list[Entry], best) -> str:

@@ -183,13 +183,8 @@ def _label(point: Point) -> str:
 def _finish(sweep: Sweep, point: Point, code: int, the_study) -> None:
     folder = run_folder(sweep, point)
     point.run = str(folder) if folder is not None else None
-    summary = None
-    if folder is not None:
-        try:
-            found = RunDir(folder).read_summary()
-            summary = found.to_dict() if found is not None else None
-        except UserError:
-            summary = None
+    found = RunDir(folder).summary_if_readable() if folder is not None else None
+    summary = found.to_dict() if found is not None else None
     status = (summary or {}).get("status") or ("completed" if code == 0 else "failed")
     point.status = "interrupted" if code > 128 and status != "completed" else status
     point.value = metric_of(summary or {}, sweep.settings.metric)
@@ -223,10 +218,7 @@ def _next(sweep: Sweep, the_study, active: set[int]) -> Point | None:
 
 
 def _last_segment(folder: Path):
-    try:
-        summary = RunDir(folder).read_summary()
-    except UserError:
-        return None
+    summary = RunDir(folder).summary_if_readable()
     if summary is None or summary.status != "running" or not summary.segments:
         return None
     return summary.segments[-1]
